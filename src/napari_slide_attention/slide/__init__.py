@@ -1,0 +1,1 @@
+"""Slides: lazy pyramidal reading, tissue, tiling and synthetic slides (numpy/dask only)."""
