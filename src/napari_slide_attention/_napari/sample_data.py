@@ -1,0 +1,13 @@
+"""napari sample-data contribution: a synthetic needle-in-a-haystack slide."""
+
+from __future__ import annotations
+
+from ..slide.reader import open_slide
+from ..slide.synthetic import sample_slide
+from .layers import slide_layer_data
+
+
+def make_sample_slide() -> list[tuple]:
+    """Return the layers of the demo slide, written to the cache on first use."""
+    path = sample_slide()
+    return slide_layer_data(open_slide(path))
