@@ -1,0 +1,1 @@
+"""Shared test set-up: test helpers (tests/slide_files.py) import as top-level modules."""

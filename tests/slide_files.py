@@ -1,0 +1,280 @@
+"""Writers of small slides in every supported format, with vendor-like metadata.
+
+Each writer returns the per-level reference pixels as the file's own decoder gives
+them (``references``), so tests compare reads against exactly what is stored even
+for lossy codecs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+
+APERIO_HEADER = "Aperio Image Library v12.0.15 \r\n"
+
+
+def rgb_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A tissue-like RGB image: pink blobs with dark dots on near-white glass."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.full((height, width, 3), 235, np.float32)
+    for _ in range(3):
+        cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+        ry, rx = rng.uniform(0.1, 0.25) * height, rng.uniform(0.1, 0.25) * width
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+        img[inside] = (215, 130, 175)
+    img += rng.normal(0, 8, img.shape)
+    img += 20 * np.sin(xx / 17.0)[..., None] * np.cos(yy / 23.0)[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def pyramid(img: np.ndarray, factors: list[int]) -> list[np.ndarray]:
+    """Mean-downsampled copies of an image (levels below level 0)."""
+    out = []
+    for f in factors:
+        h, w = img.shape[0] // f, img.shape[1] // f
+        small = img[: h * f, : w * f].reshape(h, f, w, f, -1).mean(axis=(1, 3))
+        out.append(small.astype(np.uint8))
+    return out
+
+
+def _references(path: Path, series_index: int = 0) -> list[np.ndarray]:
+    with tifffile.TiffFile(path) as tif:
+        return [level.asarray() for level in tif.series[series_index].levels]
+
+
+def write_generic(
+    path,
+    img,
+    *,
+    factors=(2, 4),
+    tile=256,
+    compression="jpeg",
+    subifds=True,
+    mpp=None,
+    description=None,
+) -> list[np.ndarray]:
+    """Generic pyramidal TIFF, levels in SubIFDs or as pages; resolution tags give mpp."""
+    levels = [img, *pyramid(img, list(factors))]
+    resolution = {}
+    with tifffile.TiffWriter(path) as tif:
+        for index, level in enumerate(levels):
+            if mpp is not None:
+                f = img.shape[1] / level.shape[1]
+                resolution = {
+                    "resolution": (1e4 / (mpp * f), 1e4 / (mpp * f)),
+                    "resolutionunit": "CENTIMETER",
+                }
+            kwargs = dict(
+                tile=(tile, tile) if tile else None,
+                compression=compression,
+                photometric="rgb",
+                metadata=None,
+                **resolution,
+            )
+            if index == 0:
+                if subifds and len(levels) > 1:
+                    kwargs["subifds"] = len(levels) - 1
+                if description:
+                    kwargs["description"] = description
+            else:
+                kwargs["subfiletype"] = 1
+            tif.write(level, **kwargs)
+    return _references(path)
+
+
+def write_svs(path, img, *, compression="jpeg", mpp=0.499, magnification=20) -> dict:
+    """Aperio SVS: baseline, thumbnail, reduced levels, label (LZW) and macro (JPEG)."""
+    h, w = img.shape[:2]
+    base = (
+        f"{APERIO_HEADER}{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=70|AppMag = {magnification}"
+        f"|StripeWidth = 2040|ScanScope ID = SS1234|Filename = test|Date = 01/02/23"
+        f"|Time = 10:00:00|MPP = {mpp}|Left = 25.0|Top = 18.0"
+    )
+    levels = pyramid(img, [4, 16])
+    thumb = pyramid(img, [8])[0]
+    label = np.full((120, 300, 3), 250, np.uint8)
+    label[40:80, 50:250] = 0
+    macro = np.full((160, 480, 3), 200, np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        opts = dict(photometric="rgb", metadata=None)
+        tif.write(img, tile=(256, 256), compression=compression, description=base, **opts)
+        tif.write(
+            thumb,
+            compression="jpeg",
+            description=f"{APERIO_HEADER}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - |AppMag = {magnification}",
+            **opts,
+        )
+        for level in levels:
+            tif.write(
+                level,
+                tile=(256, 256),
+                compression=compression,
+                description=f"{APERIO_HEADER}{w}x{h} -> {level.shape[1]}x{level.shape[0]} - ",
+                **opts,
+            )
+        tif.write(
+            label,
+            compression="lzw",
+            description=f"{APERIO_HEADER}label {label.shape[1]}x{label.shape[0]}",
+            subfiletype=1,
+            **opts,
+        )
+        tif.write(
+            macro,
+            compression="jpeg",
+            description=f"{APERIO_HEADER}macro {macro.shape[1]}x{macro.shape[0]}",
+            subfiletype=9,
+            **opts,
+        )
+    return {"levels": _references(path), "label": label, "macro": macro, "thumbnail": thumb}
+
+
+def write_ndpi(path, img, *, mpp=0.4416, magnification=20.0) -> dict:
+    """Hamamatsu NDPI: JPEG strips per level, Magnification tags, a macro at -1x.
+
+    tifffile writes a classic TIFF; its IFDs are then re-chained in NDPI's layout
+    (64-bit next-IFD offsets followed by the high 32 bits of each tag's offset),
+    which is what tifffile, OpenSlide and the scanners expect of a .ndpi file.
+    """
+    path = Path(path)
+    classic = path.with_suffix(".classic.tif")
+    macro = np.full((150, 400, 3), 180, np.uint8)
+    levels = [img, *pyramid(img, [4, 16])]
+    with tifffile.TiffWriter(classic) as tif:
+        for level in levels:
+            f = img.shape[1] / level.shape[1]
+            tif.write(
+                level,
+                compression="jpeg",
+                photometric="rgb",
+                rowsperstrip=64,
+                resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)),
+                resolutionunit="CENTIMETER",
+                software="NDP.scan 3.4.0",
+                extratags=[
+                    (271, "s", 0, "Hamamatsu", True),
+                    (272, "s", 0, "C13220", True),
+                    (65420, "I", 1, 1, True),  # FileFormat
+                    (65421, "f", 1, magnification / f, True),  # Magnification
+                    (65422, "i", 1, 0, True),  # XOffsetFromSlideCentre
+                    (65423, "i", 1, 0, True),  # YOffsetFromSlideCentre
+                ],
+                metadata=None,
+            )
+        tif.write(
+            macro,
+            compression="jpeg",
+            photometric="rgb",
+            extratags=[
+                (271, "s", 0, "Hamamatsu", True),
+                (65420, "I", 1, 1, True),
+                (65421, "f", 1, -1.0, True),
+            ],
+            metadata=None,
+        )
+    _rechain_as_ndpi(classic, path)
+    classic.unlink()
+    return {"levels": _references(path), "macro": macro}
+
+
+def _rechain_as_ndpi(src: Path, dst: Path) -> None:
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        offsets = [page.offset for page in tif.pages]
+    ifds = []
+    for offset in offsets:
+        (count,) = struct.unpack_from("<H", data, offset)
+        entries = bytes(data[offset + 2 : offset + 2 + 12 * count])
+        ifds.append((count, entries))
+    out = data
+    positions = []
+    cursor = len(out) + (-len(out)) % 8
+    for count, entries in ifds:
+        positions.append(cursor)
+        cursor += 2 + 12 * count + 8 + 4 * count
+        cursor += (-cursor) % 8
+    out += b"\0" * (positions[0] - len(out))
+    for i, (count, entries) in enumerate(ifds):
+        nxt = positions[i + 1] if i + 1 < len(ifds) else 0
+        block = struct.pack("<H", count) + entries + struct.pack("<Q", nxt) + b"\0" * (4 * count)
+        out += block
+        if i + 1 < len(ifds):
+            out += b"\0" * (positions[i + 1] - len(out))
+    out[4:12] = struct.pack("<Q", positions[0])
+    dst.write_bytes(bytes(out))
+
+
+def write_ome_tiff(path, img, *, mpp=0.25, magnification=None, compression="jpeg") -> dict:
+    """OME-TIFF with the pyramid in SubIFDs and PhysicalSize in µm."""
+    levels = [img, *pyramid(img, [2, 4])]
+    metadata = {
+        "axes": "YXS",
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeY": mpp,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeYUnit": "µm",
+    }
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(
+            levels[0],
+            tile=(256, 256),
+            compression=compression,
+            photometric="rgb",
+            subifds=len(levels) - 1,
+            metadata=metadata,
+        )
+        for level in levels[1:]:
+            tif.write(
+                level, tile=(256, 256), compression=compression, photometric="rgb", subfiletype=1
+            )
+    if magnification:
+        # Add an Instrument/Objective to the OME-XML the way scanners' converters do.
+        with tifffile.TiffFile(path, mode="r+") as tif:
+            xml = tif.ome_metadata
+            instrument = (
+                '<Instrument ID="Instrument:0"><Objective ID="Objective:0:0" '
+                f'NominalMagnification="{magnification}"/></Instrument>'
+            )
+            xml = xml.replace("<Image ", instrument + "<Image ", 1)
+            tif.pages[0].tags["ImageDescription"].overwrite(xml.encode())
+    return {"levels": _references(path)}
+
+
+def write_ome_zarr(path, img, *, mpp=0.5, version="0.4", chunk=256, unit="micrometer") -> dict:
+    """OME-Zarr (NGFF 0.4 on zarr v2, or 0.5 on zarr v3), axes c, y, x."""
+    levels = [img, *pyramid(img, [2, 4])]
+    zarr_format = 2 if version == "0.4" else 3
+    root = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+    datasets = []
+    for index, level in enumerate(levels):
+        cyx = np.ascontiguousarray(level.transpose(2, 0, 1))
+        arr = root.create_array(str(index), shape=cyx.shape, chunks=(3, chunk, chunk), dtype="u1")
+        arr[...] = cyx
+        f = img.shape[1] / level.shape[1]
+        datasets.append(
+            {
+                "path": str(index),
+                "coordinateTransformations": [{"type": "scale", "scale": [1.0, mpp * f, mpp * f]}],
+            }
+        )
+    axes = [
+        {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space", **({"unit": unit} if unit else {})},
+        {"name": "x", "type": "space", **({"unit": unit} if unit else {})},
+    ]
+    multiscales = [{"version": version, "name": "slide", "axes": axes, "datasets": datasets}]
+    if version == "0.4":
+        root.attrs["multiscales"] = multiscales
+    else:
+        root.attrs["ome"] = {"version": version, "multiscales": multiscales}
+    return {"levels": levels}
+
+
+def write_sidecar_json(path, payload) -> None:
+    Path(f"{path}.json").write_text(json.dumps(payload))
