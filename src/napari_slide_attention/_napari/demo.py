@@ -52,7 +52,8 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     grid = tile_grid(mask, 256, min_tissue=0.5)
     timings["tissue mask + grid (s)"] = time.perf_counter() - start
 
-    viewer = napari.Viewer(title="napari-slide-attention demo", show=not headless)
+    # Shown even headless (on Xvfb): a hidden vispy canvas renders nothing into screenshots.
+    viewer = napari.Viewer(title="napari-slide-attention demo", show=True)
     start = time.perf_counter()
     # Through the plugin's reader, as a user's drag and drop would.
     viewer.open(str(path), plugin="napari-slide-attention")
