@@ -123,7 +123,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {info.path} ({width} x {height} px, label {info.label}, "
-        f"{len(info.lesions)} lesion(s)); truth in {info.sidecar}"
+        f"{len(info.lesion_boxes)} lesion(s)); truth in {info.sidecar}"
     )
     return 0
 
