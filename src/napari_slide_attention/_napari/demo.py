@@ -84,7 +84,6 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         features={"class": [lesion["class"] for lesion in truth["lesions"]]},
     )
     viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um" if units[0] == "µm" else None
     viewer.reset_view()
 
     if not headless:
