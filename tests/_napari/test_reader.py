@@ -112,3 +112,15 @@ def test_viewer_shows_an_error_for_a_corrupt_slide_without_crashing(make_napari_
     write_generic(path, IMG, mpp=0.5)
     viewer.open(str(path), plugin="napari-slide-attention")
     assert len(viewer.layers) == 1
+
+
+@pytest.mark.gui
+def test_sample_data_opens_the_synthetic_slide(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-slide-attention", "needle_slide")
+    [layer] = viewer.layers
+    assert layer.multiscale and layer.rgb
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
+    assert (tmp_path / "napari-slide-attention").is_dir()
+    assert layer.metadata["vendor"] == "generic-tiff"
