@@ -107,7 +107,10 @@ def write_svs(path, img, *, compression="jpeg", mpp=0.499, magnification=20) -> 
         tif.write(
             thumb,
             compression="jpeg",
-            description=f"{APERIO_HEADER}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - |AppMag = {magnification}",
+            description=(
+                f"{APERIO_HEADER}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - "
+                f"|AppMag = {magnification}"
+            ),
             **opts,
         )
         for level in levels:
@@ -195,7 +198,7 @@ def _rechain_as_ndpi(src: Path, dst: Path) -> None:
     out = data
     positions = []
     cursor = len(out) + (-len(out)) % 8
-    for count, entries in ifds:
+    for count, _entries in ifds:
         positions.append(cursor)
         cursor += 2 + 12 * count + 8 + 4 * count
         cursor += (-cursor) % 8

@@ -9,9 +9,9 @@ import sys
 import imagecodecs
 import numpy as np
 import pytest
-from slide_files import rgb_image, write_generic, write_svs
 
 from napari_slide_attention.cli import main
+from slide_files import rgb_image, write_generic, write_svs
 
 
 def test_info_json_has_the_slide_facts(tmp_path, capsys):
@@ -53,24 +53,37 @@ def test_errors_exit_non_zero_with_one_readable_line(tmp_path):
     bad.write_bytes(b"II*\x00" + bytes(10))
     result = subprocess.run(
         [sys.executable, "-m", "napari_slide_attention.cli", "info", str(bad)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("slide-attention: error: ") and "broken.svs" in lines[0]
     missing = subprocess.run(
-        [sys.executable, "-m", "napari_slide_attention.cli", "tissue", str(tmp_path / "x.svs"),
-         "--out", str(tmp_path / "m.png")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "napari_slide_attention.cli",
+            "tissue",
+            str(tmp_path / "x.svs"),
+            "--out",
+            str(tmp_path / "m.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert missing.returncode == 1 and "no such file" in missing.stderr
 
 
 def test_synth_then_info_then_tissue(tmp_path, capsys):
     out = tmp_path / "needle.tif"
-    assert main(["synth", str(out), "--size", "4096", "3072", "--label", "high-grade",
-                 "--seed", "3"]) == 0
+    assert (
+        main(["synth", str(out), "--size", "4096", "3072", "--label", "high-grade", "--seed", "3"])
+        == 0
+    )
     assert out.exists() and (tmp_path / "needle.tif.json").exists()
     truth = json.loads((tmp_path / "needle.tif.json").read_text())
     assert truth["label"] == "high-grade" and truth["lesions"]
@@ -90,5 +103,7 @@ def test_synth_then_info_then_tissue(tmp_path, capsys):
 
 
 def test_synth_rejects_an_unknown_label(tmp_path, capsys):
-    assert main(["synth", str(tmp_path / "x.tif"), "--size", "1024", "1024", "--label", "banana"]) == 1
+    assert (
+        main(["synth", str(tmp_path / "x.tif"), "--size", "1024", "1024", "--label", "banana"]) == 1
+    )
     assert "banana" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def test_root_manifest_is_the_package_manifest():
 def test_npe2_validates_the_installed_plugin():
     result = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", "napari-slide-attention"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "valid" in result.stdout
@@ -32,9 +34,21 @@ def test_npe2_validates_the_installed_plugin():
 @pytest.mark.slow
 def test_built_wheel_carries_and_loads_the_manifest(tmp_path):
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stderr
     [wheel] = (tmp_path / "dist").glob("napari_slide_attention-*.whl")
@@ -47,9 +61,21 @@ def test_built_wheel_carries_and_loads_the_manifest(tmp_path):
     assert manifest == (PACKAGE / "napari.yaml").read_text()
     target = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-         "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr
     # The wheel's copy first on the path: npe2 must find and validate *its* manifest.
@@ -62,7 +88,10 @@ def test_built_wheel_carries_and_loads_the_manifest(tmp_path):
         "print(m.name, len(m.contributions.readers), len(m.contributions.sample_data))"
     )
     check = subprocess.run(
-        [sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
         cwd=tmp_path,
     )
     assert check.returncode == 0, check.stderr
@@ -103,6 +132,8 @@ def test_importing_the_package_and_reader_loads_no_gui_or_torch():
         "bad = {'torch', 'napari', 'qtpy', 'PyQt5', 'PyQt6', 'vispy'} & set(sys.modules);"
         "print(sorted(bad))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import tifffile
+
+from napari_slide_attention.slide.reader import MissingMppWarning, SlideError, open_slide
 from slide_files import (
     rgb_image,
     write_generic,
@@ -17,8 +19,6 @@ from slide_files import (
     write_ome_zarr,
     write_svs,
 )
-
-from napari_slide_attention.slide.reader import MissingMppWarning, SlideError, open_slide
 
 IMG = rgb_image(1000, 1300, seed=1)
 
@@ -118,10 +118,14 @@ def test_region_reads_equal_stored_pixels(kind, tmp_path):
         base = ref["levels"][0]
         # Across tile boundaries and up to the right/bottom edges.
         for x, y, w, h in [(0, 0, 300, 200), (250, 240, 270, 300), (1100, 800, 200, 200)]:
-            np.testing.assert_array_equal(slide.read_region(0, x, y, w, h), base[y : y + h, x : x + w])
+            np.testing.assert_array_equal(
+                slide.read_region(0, x, y, w, h), base[y : y + h, x : x + w]
+            )
         # Whole levels through dask (threaded) equal the file's own decode.
         for index, reference in enumerate(ref["levels"]):
-            np.testing.assert_array_equal(slide.levels[index].compute(scheduler="threads"), reference)
+            np.testing.assert_array_equal(
+                slide.levels[index].compute(scheduler="threads"), reference
+            )
         # A reduced level: the level-0 box maps to the level's pixels.
         level = 1
         ds = slide.level_info[level].downsample
@@ -178,8 +182,14 @@ def test_single_level_tiff_gets_lazy_display_levels(tmp_path):
     img = rgb_image(4200, 2600, seed=3)
     path = tmp_path / "flat.tif"
     tifffile.imwrite(
-        path, img, tile=(256, 256), compression="zlib", photometric="rgb",
-        resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER", metadata=None,
+        path,
+        img,
+        tile=(256, 256),
+        compression="zlib",
+        photometric="rgb",
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+        metadata=None,
     )
     slide = open_slide(path)
     assert [i.virtual for i in slide.level_info] == [False, True, True]
@@ -212,8 +222,13 @@ def test_missing_mpp_warns_and_override_applies(tmp_path):
 def test_implausible_resolution_tags_are_not_taken_as_mpp(tmp_path):
     path = tmp_path / "dpi.tif"
     tifffile.imwrite(
-        path, IMG, tile=(256, 256), photometric="rgb", resolution=(72, 72),
-        resolutionunit="INCH", metadata=None,
+        path,
+        IMG,
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(72, 72),
+        resolutionunit="INCH",
+        metadata=None,
     )
     with pytest.warns(MissingMppWarning):
         slide = open_slide(path)
@@ -237,13 +252,18 @@ def test_fluorescence_multichannel_opens_channels_last(tmp_path):
     path = tmp_path / "fluo.ome.tif"
     data = np.random.default_rng(0).integers(0, 4000, (4, 300, 400)).astype(np.uint16)
     tifffile.imwrite(
-        path, data, tile=(128, 128), ome=True,
+        path,
+        data,
+        tile=(128, 128),
+        ome=True,
         metadata={"axes": "CYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65},
     )
     slide = open_slide(path)
     assert not slide.rgb and slide.channels == 4
     assert slide.levels[0].shape == (300, 400, 4)
-    np.testing.assert_array_equal(slide.read_region(0, 10, 20, 50, 40), data[:, 20:60, 10:60].transpose(1, 2, 0))
+    np.testing.assert_array_equal(
+        slide.read_region(0, 10, 20, 50, 40), data[:, 20:60, 10:60].transpose(1, 2, 0)
+    )
     assert slide.mpp == pytest.approx((0.65, 0.65))
 
 
@@ -315,7 +335,9 @@ def test_truncated_file_raises_at_read_with_the_tile(tmp_path):
             slide = open_slide(path)
         # Tiles before the cut still read.
         assert slide.read_region(0, 0, 0, 256, 256).shape == (256, 256, 3)
-        with pytest.raises(SlideError, match=r"cut\.tif: truncated file: level 0 tile \(row 1, column 1\)"):
+        with pytest.raises(
+            SlideError, match=r"cut\.tif: truncated file: level 0 tile \(row 1, column 1\)"
+        ):
             slide.read_region(0, 300, 300, 50, 50)
         with pytest.raises(SlideError, match="truncated"):
             slide.levels[0][256:512, 256:512].compute()
@@ -326,13 +348,18 @@ def test_corrupt_tile_raises_with_its_position(tmp_path):
     write_svs(path, IMG)
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        offset, count = int(page.dataoffsets[8]), int(page.databytecounts[8])  # 6 per row: row 1, col 2
+        offset, count = (
+            int(page.dataoffsets[8]),
+            int(page.databytecounts[8]),
+        )  # 6 per row: row 1, col 2
     data = bytearray(path.read_bytes())
     data[offset : offset + count] = bytes(count)
     path.write_bytes(bytes(data))
     slide = open_slide(path)
     with deadline(10):
-        with pytest.raises(SlideError, match=r"bad\.svs: corrupt image data: level 0 tile \(row 1, column 2\)"):
+        with pytest.raises(
+            SlideError, match=r"bad\.svs: corrupt image data: level 0 tile \(row 1, column 2\)"
+        ):
             slide.read_region(0, 0, 0, 1300, 1000)
         with pytest.raises(SlideError, match=r"row 1, column 2"):
             slide.levels[0].compute()

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from napari_slide_attention.slide.reader import open_slide
-from napari_slide_attention.slide.synthetic import read_sidecar, tissue_mask_truth, write_synthetic_slide
+from napari_slide_attention.slide.synthetic import (
+    read_sidecar,
+    tissue_mask_truth,
+    write_synthetic_slide,
+)
 from napari_slide_attention.slide.tissue import tile_grid, tissue_mask, tissue_pieces
 
 
@@ -25,6 +29,7 @@ def test_mask_recovers_the_synthetic_tissue_pieces(tmp_path, seed, label):
     assert _iou(mask.mask, expected) >= 0.9
     pieces = tissue_pieces(mask, mpp=slide.mpp)
     assert len(pieces) == len(truth["pieces"])
+
     # Each true piece has a detected piece whose edges lie within 3 mask pixels of its own.
     def edges(box):
         x, y, w, h = box
@@ -43,5 +48,10 @@ def test_mask_recovers_the_synthetic_tissue_pieces(tmp_path, seed, label):
     for lesion in truth["lesions"]:
         x, y, w, h = lesion["box"]
         cx, cy = x + w / 2, y + h / 2
-        inside = (boxes[:, 0] <= cx) & (cx < boxes[:, 0] + 256) & (boxes[:, 1] <= cy) & (cy < boxes[:, 1] + 256)
+        inside = (
+            (boxes[:, 0] <= cx)
+            & (cx < boxes[:, 0] + 256)
+            & (boxes[:, 1] <= cy)
+            & (cy < boxes[:, 1] + 256)
+        )
         assert inside.any()

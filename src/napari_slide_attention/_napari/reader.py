@@ -71,7 +71,9 @@ def _slide_only_suffix(path: Path) -> bool:
 def _could_be_slide(path: Path) -> bool:
     name = path.name.lower().rstrip("/")
     if path.is_dir():
-        return (path / "zarr.json").exists() or (path / ".zattrs").exists() or name.endswith(".zarr")
+        return (
+            (path / "zarr.json").exists() or (path / ".zattrs").exists() or name.endswith(".zarr")
+        )
     return name.endswith(TIFF_SUFFIXES)
 
 
@@ -80,8 +82,5 @@ def _is_whole_slide(slide: Slide) -> bool:
     stored = [info for info in slide.level_info if not info.virtual]
     tiled = slide.tiff_page(0) is not None and slide.tiff_page(0).is_tiled
     return (
-        slide.vendor != "generic-tiff"
-        or len(stored) > 1
-        or tiled
-        or max(slide.dimensions) > 8192
+        slide.vendor != "generic-tiff" or len(stored) > 1 or tiled or max(slide.dimensions) > 8192
     )

@@ -178,8 +178,7 @@ class _CheckedLevel:
                 except Exception as tile_exc:
                     exc = tile_exc
                     where = (
-                        f"tile (row {r}, column {c}) at level pixels y={r * tile_h}, "
-                        f"x={c * tile_w}"
+                        f"tile (row {r}, column {c}) at level pixels y={r * tile_h}, x={c * tile_w}"
                     )
                     break
         return SlideError(
@@ -379,9 +378,7 @@ class Slide:
                     "index": info.index,
                     "shape": list(info.shape),
                     "downsample": round(info.downsample, 4),
-                    "mpp": [round(v, 5) for v in self.level_mpp(info.index)]
-                    if self.mpp
-                    else None,
+                    "mpp": [round(v, 5) for v in self.level_mpp(info.index)] if self.mpp else None,
                     "tile_shape": list(info.tile_shape) if info.tile_shape else None,
                     "virtual": info.virtual,
                 }
@@ -439,10 +436,7 @@ def open_slide(
             f"{UNSUPPORTED_SUFFIXES[suffix]} files are not supported; "
             "convert the slide to OME-TIFF (e.g. with bfconvert) or OME-Zarr (bioformats2raw)",
         )
-    if path.is_dir():
-        slide = _open_ome_zarr(path)
-    else:
-        slide = _open_tiff(path)
+    slide = _open_ome_zarr(path) if path.is_dir() else _open_tiff(path)
     if override is not None:
         slide.mpp, slide.mpp_source = override, "override"
     if magnification is not None:
@@ -554,7 +548,11 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
     store = series.aszarr(fillvalue=fill)
     root = zarr.open(store, mode="r")
     stored_levels = series.levels
-    level_arrays = [root] if isinstance(root, zarr.Array) else [root[str(i)] for i in range(len(stored_levels))]
+    level_arrays = (
+        [root]
+        if isinstance(root, zarr.Array)
+        else [root[str(i)] for i in range(len(stored_levels))]
+    )
 
     levels: list[da.Array] = []
     infos: list[Level] = []
@@ -586,7 +584,9 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
         if index == 0:
             height0, width0 = height, width
         if index and (height >= levels[-1].shape[0] or width >= levels[-1].shape[1]):
-            notes.append(f"level {index} ({width}x{height}) is not smaller than the one above; ignored")
+            notes.append(
+                f"level {index} ({width}x{height}) is not smaller than the one above; ignored"
+            )
             break
         levels.append(array)
         infos.append(
@@ -658,9 +658,11 @@ def _native_chunks(page: tifffile.TiffPage, zarray) -> tuple[int, ...]:
     """dask chunks = the zarr view's chunks, with thin strips grouped to >= 256 rows."""
     chunks = list(zarray.chunks)
     shape = zarray.shape
-    row_axis = 0 if len(shape) == 2 or shape[-1] in (3, 4) and len(shape) == 3 else len(shape) - 2
+    row_axis = 0 if len(shape) == 2 or (shape[-1] in (3, 4) and len(shape) == 3) else len(shape) - 2
     if not page.is_tiled and chunks[row_axis] < 256:
-        chunks[row_axis] = min(shape[row_axis], chunks[row_axis] * math.ceil(256 / chunks[row_axis]))
+        chunks[row_axis] = min(
+            shape[row_axis], chunks[row_axis] * math.ceil(256 / chunks[row_axis])
+        )
     return tuple(chunks)
 
 
@@ -750,13 +752,25 @@ def _layout(path: Path, axes: str, shape: tuple[int, ...], dtype: np.dtype) -> _
     if "Y" not in axes or "X" not in axes:
         raise SlideError(path, f"unsupported pixel layout: axes {axes} have no Y and X")
     kept = [i for i in range(len(axes)) if i not in squeeze]
-    order = [axes.index("Y"), axes.index("X")] + ([channel_axis] if channel_axis is not None else [])
+    order = [axes.index("Y"), axes.index("X")] + (
+        [channel_axis] if channel_axis is not None else []
+    )
     transpose = tuple(kept.index(i) for i in order)
     if transpose == tuple(range(len(transpose))):
         transpose = None
     channels = shape[channel_axis] if channel_axis is not None else 1
-    rgb = dtype == np.uint8 and channel_axis is not None and axes[channel_axis] == "S" and channels in (3, 4)
-    if dtype == np.uint8 and channel_axis is not None and axes[channel_axis] == "C" and channels == 3:
+    rgb = (
+        dtype == np.uint8
+        and channel_axis is not None
+        and axes[channel_axis] == "S"
+        and channels in (3, 4)
+    )
+    if (
+        dtype == np.uint8
+        and channel_axis is not None
+        and axes[channel_axis] == "C"
+        and channels == 3
+    ):
         rgb = True  # planar RGB (OME writers store it as C)
     notes = []
     if not rgb:
@@ -880,7 +894,7 @@ def _tiff_metadata(path: Path, tif, vendor: str, page) -> tuple[dict, tuple | No
                         value = info["mpp"]
                         pair = tuple(value) if isinstance(value, list | tuple) else (value, value)
                         mpp = _plausible(path, tuple(float(v) for v in pair), "description", notes)
-                    if "magnification" in info and info["magnification"]:
+                    if info.get("magnification"):
                         magnification = float(info["magnification"])
         if mpp is None:
             mpp = _plausible(path, _resolution_mpp(page), "resolution tags", notes)
@@ -927,8 +941,8 @@ def _ome_xml_metadata(xml: str | None) -> tuple[tuple | None, float | None, dict
     metadata = {"Name": image.get("Name")}
     mpp = None
     if "PhysicalSizeX" in pixels and "PhysicalSizeY" in pixels:
-        ux = _UNIT_TO_UM.get(str(pixels.get("PhysicalSizeXUnit", "µm")), None)
-        uy = _UNIT_TO_UM.get(str(pixels.get("PhysicalSizeYUnit", "µm")), None)
+        ux = _UNIT_TO_UM.get(str(pixels.get("PhysicalSizeXUnit", "µm")))
+        uy = _UNIT_TO_UM.get(str(pixels.get("PhysicalSizeYUnit", "µm")))
         if ux and uy:
             mpp = (float(pixels["PhysicalSizeX"]) * ux, float(pixels["PhysicalSizeY"]) * uy)
     magnification = None
@@ -996,11 +1010,11 @@ def _open_ome_zarr(path: Path) -> Slide:
         raise SlideError(path, "not an OME-Zarr image: the group has no 'multiscales' metadata")
     ms = multiscales[0]
     axes_meta = ms.get("axes") or [{"name": a} for a in "tczyx"]
-    names = "".join(
-        (a["name"] if isinstance(a, dict) else str(a))[0].upper() for a in axes_meta
-    )
+    names = "".join((a["name"] if isinstance(a, dict) else str(a))[0].upper() for a in axes_meta)
     units = {
-        (a["name"] if isinstance(a, dict) else str(a)).upper(): (a.get("unit") if isinstance(a, dict) else None)
+        (a["name"] if isinstance(a, dict) else str(a)).upper(): (
+            a.get("unit") if isinstance(a, dict) else None
+        )
         for a in axes_meta
     }
     datasets = ms.get("datasets") or []
@@ -1016,7 +1030,9 @@ def _open_ome_zarr(path: Path) -> Slide:
         try:
             zarray = group[dataset["path"]]
         except Exception as exc:
-            raise SlideError(path, f"OME-Zarr level {dataset.get('path')!r} is missing: {exc}") from exc
+            raise SlideError(
+                path, f"OME-Zarr level {dataset.get('path')!r} is missing: {exc}"
+            ) from exc
         if layout is None:
             layout = _layout(path, names, zarray.shape, np.dtype(zarray.dtype))
         checked = _CheckedLevel(path, index, zarray)
@@ -1033,7 +1049,7 @@ def _open_ome_zarr(path: Path) -> Slide:
         if index == 0:
             scale0 = _ngff_scale(dataset, ms)
         height, width = array.shape[:2]
-        height0, width0 = (levels[0].shape[:2] if levels else (height, width))
+        height0, width0 = levels[0].shape[:2] if levels else (height, width)
         yx_axis = names.index("Y"), names.index("X")
         chunks = zarray.chunks
         levels.append(array)
@@ -1053,13 +1069,16 @@ def _open_ome_zarr(path: Path) -> Slide:
         if unit_x is None and unit_y is None and (sx, sy) != (1.0, 1.0):
             notes.append("OME-Zarr axes have no unit; assumed micrometres")
             unit_x = unit_y = "micrometer"
-        factor_x, factor_y = _UNIT_TO_UM.get(str(unit_x).lower()), _UNIT_TO_UM.get(str(unit_y).lower())
+        factor_x, factor_y = (
+            _UNIT_TO_UM.get(str(unit_x).lower()),
+            _UNIT_TO_UM.get(str(unit_y).lower()),
+        )
         if factor_x and factor_y:
             mpp = _plausible(path, (sx * factor_x, sy * factor_y), "OME-Zarr scale", notes)
     associated = {}
     for name in _ASSOCIATED_NAMES:
         if name in group and isinstance(group[name], zarr.Array):
-            associated[name] = (lambda arr=group[name]: arr[...])
+            associated[name] = lambda arr=group[name]: arr[...]
     if "labels" in group:
         notes.append("OME-Zarr label images are not shown as slide images")
     return Slide(
@@ -1072,7 +1091,10 @@ def _open_ome_zarr(path: Path) -> Slide:
         magnification=_ngff_magnification(ngff),
         rgb=layout.rgb,
         associated=_AssociatedImages(path, associated),
-        metadata={"multiscales": ms.get("name") or "", "version": ms.get("version") or ngff.get("version")},
+        metadata={
+            "multiscales": ms.get("name") or "",
+            "version": ms.get("version") or ngff.get("version"),
+        },
         notes=notes + layout.notes,
         _sources=sources,
         _pages=[None] * len(levels),
