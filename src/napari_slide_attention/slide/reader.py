@@ -570,16 +570,7 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
             file_size=file_size if single_page else None,
         )
         native = _native_chunks(page, zarray)
-        array = da.from_array(
-            checked,
-            chunks=native,
-            lock=False,
-            asarray=False,
-            fancy=False,
-            name=f"slide-{_token(path)}-{index}",
-            meta=np.empty((0,) * zarray.ndim, dtype=dtype),
-        )
-        array = layout.to_yxc(array)
+        array = _lazy_level(path, index, checked, native, layout)
         height, width = array.shape[:2]
         if index == 0:
             height0, width0 = height, width
@@ -593,7 +584,7 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
             Level(
                 index=index,
                 shape=(height, width),
-                downsample=0.5 * (width0 / width + height0 / height),
+                downsample=_downsample((height0, width0), (height, width)),
                 tile_shape=_tile_shape(page),
                 virtual=False,
             )
@@ -622,6 +613,25 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
         _closers=[tif.close],
     )
     return slide
+
+
+def _lazy_level(path: Path, index: int, checked: _CheckedLevel, chunks, layout) -> da.Array:
+    """One level as a dask array over its checked view, in (Y, X[, C]) layout."""
+    array = da.from_array(
+        checked,
+        chunks=chunks,
+        lock=False,
+        asarray=False,
+        fancy=False,
+        name=f"slide-{_token(path)}-{index}",
+        meta=np.empty((0,) * checked.ndim, dtype=checked.dtype),
+    )
+    return layout.to_yxc(array)
+
+
+def _downsample(shape0: tuple[int, int], shape: tuple[int, int]) -> float:
+    """Level-0 pixels per pixel of a level: the mean of the row and column ratios."""
+    return 0.5 * (shape0[1] / shape[1] + shape0[0] / shape[0])
 
 
 def _token(path: Path) -> str:
@@ -820,7 +830,7 @@ def _add_virtual_levels(levels, infos, sources, pages) -> None:
             Level(
                 index=len(infos),
                 shape=(height, width),
-                downsample=0.5 * (width0 / width + height0 / height),
+                downsample=_downsample((height0, width0), (height, width)),
                 tile_shape=None,
                 virtual=True,
             )
@@ -1036,16 +1046,7 @@ def _open_ome_zarr(path: Path) -> Slide:
         if layout is None:
             layout = _layout(path, names, zarray.shape, np.dtype(zarray.dtype))
         checked = _CheckedLevel(path, index, zarray)
-        array = da.from_array(
-            checked,
-            chunks=zarray.chunks,
-            lock=False,
-            asarray=False,
-            fancy=False,
-            name=f"slide-{_token(path)}-{index}",
-            meta=np.empty((0,) * zarray.ndim, dtype=zarray.dtype),
-        )
-        array = layout.to_yxc(array)
+        array = _lazy_level(path, index, checked, zarray.chunks, layout)
         if index == 0:
             scale0 = _ngff_scale(dataset, ms)
         height, width = array.shape[:2]
@@ -1057,7 +1058,7 @@ def _open_ome_zarr(path: Path) -> Slide:
             Level(
                 index=index,
                 shape=(height, width),
-                downsample=0.5 * (width0 / width + height0 / height),
+                downsample=_downsample((height0, width0), (height, width)),
                 tile_shape=(int(chunks[yx_axis[0]]), int(chunks[yx_axis[1]])),
             )
         )
