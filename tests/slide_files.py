@@ -281,3 +281,16 @@ def write_ome_zarr(path, img, *, mpp=0.5, version="0.4", chunk=256, unit="microm
 
 def write_sidecar_json(path, payload) -> None:
     Path(f"{path}.json").write_text(json.dumps(payload))
+
+
+def write_fluorescence(path, channels: int = 3, *, mpp=0.65) -> np.ndarray:
+    """A 16-bit multichannel OME-TIFF (C, Y, X) as fluorescence scanners write; returns it."""
+    data = np.random.default_rng(0).integers(0, 4000, (channels, 300, 400)).astype(np.uint16)
+    tifffile.imwrite(
+        path,
+        data,
+        tile=(128, 128),
+        ome=True,
+        metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp},
+    )
+    return data

@@ -9,7 +9,7 @@ import tifffile
 from napari_slide_attention._napari.layers import slide_layer_data
 from napari_slide_attention._napari.reader import get_reader
 from napari_slide_attention.slide.reader import SlideError, open_slide
-from slide_files import rgb_image, write_generic, write_ome_zarr, write_svs
+from slide_files import rgb_image, write_fluorescence, write_generic, write_ome_zarr, write_svs
 
 IMG = rgb_image(1000, 1300, seed=2)
 
@@ -54,14 +54,7 @@ def test_layer_data_rgb_in_micrometres(tmp_path):
 
 def test_layer_data_multichannel_splits_channels(tmp_path):
     path = tmp_path / "fluo.ome.tif"
-    data = np.random.default_rng(0).integers(0, 4000, (3, 300, 400)).astype(np.uint16)
-    tifffile.imwrite(
-        path,
-        data,
-        tile=(128, 128),
-        ome=True,
-        metadata={"axes": "CYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65},
-    )
+    write_fluorescence(path, channels=3)
     [(_levels, kwargs, _)] = slide_layer_data(open_slide(path))
     assert kwargs["channel_axis"] == 2 and not kwargs["rgb"]
     assert kwargs["name"] == ["fluo.ome.tif [0]", "fluo.ome.tif [1]", "fluo.ome.tif [2]"]

@@ -13,6 +13,7 @@ import tifffile
 from napari_slide_attention.slide.reader import MissingMppWarning, SlideError, open_slide
 from slide_files import (
     rgb_image,
+    write_fluorescence,
     write_generic,
     write_ndpi,
     write_ome_tiff,
@@ -250,14 +251,7 @@ def test_grayscale_16bit_opens_as_non_rgb(tmp_path):
 
 def test_fluorescence_multichannel_opens_channels_last(tmp_path):
     path = tmp_path / "fluo.ome.tif"
-    data = np.random.default_rng(0).integers(0, 4000, (4, 300, 400)).astype(np.uint16)
-    tifffile.imwrite(
-        path,
-        data,
-        tile=(128, 128),
-        ome=True,
-        metadata={"axes": "CYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65},
-    )
+    data = write_fluorescence(path, channels=4)
     slide = open_slide(path)
     assert not slide.rgb and slide.channels == 4
     assert slide.levels[0].shape == (300, 400, 4)
