@@ -912,10 +912,8 @@ def _tiff_metadata(path: Path, tif, vendor: str, page) -> tuple[dict, tuple | No
             value = page.tags.valueof(name)
             if value:
                 metadata[name] = str(value)
-    metadata["_notes"] = notes
-    notes_out = metadata.pop("_notes")
-    if notes_out:
-        metadata["notes"] = notes_out
+    if notes:
+        metadata["notes"] = notes
     return metadata, mpp, magnification
 
 
