@@ -40,6 +40,13 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
+  # torch: a bare requirement pulls the multi-GB CUDA build. Without an NVIDIA GPU take
+  # the CPU wheel first, so the project's range (torch>=2.2) is already satisfied.
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    .venv/bin/python -c "import torch" 2>/dev/null \
+      || .venv/bin/python -m pip install -q "torch==2.13.*" --retries 1 --timeout 15 --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+      || .venv/bin/python -m pip install -q "torch==2.13.*"
+  fi
   .venv/bin/python -m pip install -q -e ".[testing]"
   # Peers for benchmarks/io.py; optional, so a failure here is not fatal.
   .venv/bin/python -m pip install -q -e ".[peers]" 2>/dev/null \

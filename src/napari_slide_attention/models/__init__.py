@@ -1,0 +1,1 @@
+"""Whole-slide models (torch only: no Qt, no file formats)."""

@@ -1,0 +1,532 @@
+"""Grid attention (Tomita et al. 2019): a whole-slide classifier with m attention maps.
+
+A tissue piece is cut into an H' x W' grid of non-overlapping tiles. Each tile goes
+through a pre-activation ResNet-18 (global pooled: 512 features), which gives the
+feature grid U (512, H', W'). m filters of 512 x d x d (the paper's 3-D convolution
+of depth 512, i.e. ``Conv2d(512, m, d, padding=d // 2)`` on U) give the raw scores
+V (m, H', W'); a softmax over the tissue positions of each map (Eq. 1; non-tissue
+positions are masked out, our decision) gives the attention maps; each map weights U
+into one 512-vector (Eq. 2); the m vectors are concatenated, dropped out (p = 0.5) and
+a fully connected layer gives the class scores.
+
+Memory (our decision, PAPERS.md §1): only the last ``trainable_blocks`` stages of the
+trunk train. ``train_step`` runs the tiles twice, in chunks: first without autograd to
+build U (keeping only 512 numbers per tile), then, once the loss has given dL/dU, the
+trainable stages again per chunk with autograd, back-propagating each chunk's slice
+of dL/dU. That is activation checkpointing with the tile source as the checkpoint, so
+a step's memory grows with H'·W'·512, not with pixels. The caller's ``chunks`` must
+therefore give the same tiles in the same order each time it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .preact_resnet import PreActResNet, preact_resnet18
+
+__all__ = [
+    "GridAttention",
+    "GridAttentionConfig",
+    "GridOutput",
+    "StepResult",
+    "cells_to_grid",
+]
+
+MODEL_KIND = "grid-attention"
+
+
+@dataclass
+class GridAttentionConfig:
+    """Sizes and settings of a grid-attention model (saved with every checkpoint).
+
+    Attributes:
+        classes: class names, in the order of the model's outputs.
+        risk_order: class indices from lowest to highest risk, for the paper's rule that a
+            slide takes the highest-risk class among its pieces; empty = the order of
+            ``classes``.
+        n_maps: m, the number of attention maps.
+        kernel: d, the attention filters' height and width (padding d // 2).
+        dropout: dropout before the classifier.
+        hidden: widths of hidden fully connected layers (ReLU) before the output layer;
+            empty = one fully connected layer, as the paper.
+        trainable_blocks: how many of the trunk's last stages train (1 = ``layer4``, the
+            paper; 0 = the trunk is frozen; 5 = everything, stem included).
+        tile_um: tile edge in micrometres at the slide (492 px at 20x = 246 µm in the paper).
+        input_px: tile edge fed to the trunk (tiles are resized; 224 in the paper).
+        mean, std: per-channel normalisation of pixels scaled to [0, 1] (cohort statistics).
+    """
+
+    classes: tuple[str, ...]
+    risk_order: tuple[int, ...] = ()
+    n_maps: int = 64
+    kernel: int = 3
+    dropout: float = 0.5
+    hidden: tuple[int, ...] = ()
+    trainable_blocks: int = 1
+    tile_um: float = 246.0
+    input_px: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    kind: str = field(default=MODEL_KIND, init=False)
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(str(c) for c in self.classes)
+        self.risk_order = tuple(int(i) for i in self.risk_order)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        if len(self.classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names repeat: {list(self.classes)}")
+        if self.risk_order and sorted(self.risk_order) != list(range(len(self.classes))):
+            raise ValueError(
+                f"risk_order must list each class index once, got {list(self.risk_order)}"
+            )
+        if self.n_maps < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError("n_maps must be >= 1 and kernel a positive odd number")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.trainable_blocks <= 5:
+            raise ValueError(f"trainable_blocks must be 0..5, got {self.trainable_blocks}")
+        if self.tile_um <= 0 or self.input_px < 16:
+            raise ValueError("tile_um must be positive and input_px at least 16")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values, std positive")
+
+    @property
+    def risk(self) -> tuple[int, ...]:
+        """Class indices from lowest to highest risk."""
+        return self.risk_order or tuple(range(len(self.classes)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GridAttentionConfig:
+        """Settings from ``to_dict`` output (unknown keys are an error)."""
+        data = {k: v for k, v in data.items() if k != "kind"}
+        names = {f.name for f in cls.__dataclass_fields__.values() if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown grid-attention settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class GridOutput:
+    """What the model gives for one grid.
+
+    Attributes:
+        logits: (C,) class scores.
+        maps: (m, H', W') attention maps (softmax over tissue positions; 0 elsewhere).
+        scores: (m, H', W') raw scores V (-inf at non-tissue positions).
+        features: (N, 512) per-tile features, in the order of the cells.
+    """
+
+    logits: torch.Tensor
+    maps: torch.Tensor
+    scores: torch.Tensor
+    features: torch.Tensor
+
+
+@dataclass
+class StepResult:
+    """One training step on one grid: loss (already scaled) and the model's output."""
+
+    loss: float
+    logits: torch.Tensor
+
+
+def cells_to_grid(
+    features: torch.Tensor, cells: torch.Tensor, grid_shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter per-tile features into the grid: U (1, F, H', W') and tissue (1, H', W').
+
+    Args:
+        features: (N, F) features of the tiles.
+        cells: (N,) flat grid positions (row * W' + column) of the tiles.
+        grid_shape: (H', W').
+    """
+    height, width = grid_shape
+    _n, n_features = features.shape
+    flat = features.new_zeros(height * width, n_features)
+    flat = flat.index_copy(0, cells, features)  # differentiable w.r.t. features
+    u = flat.t().reshape(1, n_features, height, width)  # (1, F, H', W')
+    tissue = torch.zeros(height * width, dtype=torch.bool, device=features.device)
+    tissue[cells] = True
+    return u, tissue.reshape(1, height, width)
+
+
+class GridAttention(nn.Module):
+    """Tomita et al.'s grid-attention classifier: trunk, m attention maps, classifier.
+
+    Args:
+        config: sizes and settings.
+    """
+
+    def __init__(self, config: GridAttentionConfig):
+        super().__init__()
+        self.config = config
+        self.trunk: PreActResNet = preact_resnet18()
+        n_features = self.trunk.n_features
+        self.attention = nn.Conv2d(
+            n_features, config.n_maps, config.kernel, padding=config.kernel // 2
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        layers: list[nn.Module] = []
+        width = config.n_maps * n_features
+        for hidden in config.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        layers.append(nn.Linear(width, len(config.classes)))
+        self.classifier = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1))
+        self.reset_head()
+        self._apply_freezing()
+
+    # -- set-up --------------------------------------------------------------------------
+    def reset_head(self) -> None:
+        """The paper's initialisation of the head: He for the attention convolution,
+        Glorot for the fully connected layers, zero biases (the trunk is He-initialised)."""
+        nn.init.kaiming_normal_(self.attention.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.attention.bias)
+        for module in self.classifier:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def frozen_stages(self) -> list[nn.Module]:
+        """Trunk stages that never train (run without autograd, BN in eval mode)."""
+        stages = [stage for _, stage in self.trunk.stages()]
+        return stages[: len(stages) - self.config.trainable_blocks]
+
+    @property
+    def trainable_stages(self) -> list[nn.Module]:
+        """Trunk stages that train."""
+        stages = [stage for _, stage in self.trunk.stages()]
+        return stages[len(stages) - self.config.trainable_blocks :]
+
+    def _apply_freezing(self) -> None:
+        for stage in self.frozen_stages:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+        if self.config.trainable_blocks == 0:
+            for p in self.trunk.final_bn.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> GridAttention:
+        """Train mode for the trainable parts; frozen stages always use running statistics."""
+        super().train(mode)
+        for stage in self.frozen_stages:
+            stage.eval()
+        if self.config.trainable_blocks == 0:
+            self.trunk.final_bn.eval()
+        return self
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Use these per-channel statistics (pixels in [0, 1]) from now on."""
+        self.config.mean = tuple(float(v) for v in mean)
+        self.config.std = tuple(float(v) for v in std)
+        self.mean.copy_(torch.tensor(self.config.mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(self.config.std).view(1, 3, 1, 1))
+
+    # -- tiles -> features ---------------------------------------------------------------
+    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, 3) uint8 or (N, 3, h, w) float tiles -> normalised (N, 3, s, s) input.
+
+        uint8 tiles are scaled to [0, 1]; tiles not ``input_px`` square are resized with
+        antialiasing.
+        """
+        if tiles.dtype == torch.uint8:
+            if tiles.shape[-1] == 3:
+                tiles = tiles.permute(0, 3, 1, 2)  # (N, 3, h, w)
+            tiles = tiles.float().div_(255.0)
+        size = self.config.input_px
+        if tuple(tiles.shape[-2:]) != (size, size):
+            tiles = F.interpolate(
+                tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return (tiles - self.mean) / self.std
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen stages' output for prepared tiles (no autograd)."""
+        with torch.no_grad():
+            for stage in self.frozen_stages:
+                x = stage(x)
+        return x
+
+    def trainable_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The trainable stages and pooling: frozen output -> (N, 512) features."""
+        for stage in self.trainable_stages:
+            h = stage(h)
+        return self.trunk.head_features(h)
+
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 512) features of raw tiles (uint8 NHWC or float NCHW)."""
+        return self.trainable_features(self.frozen_features(self.prepare(tiles)))
+
+    # -- grid -> classes -----------------------------------------------------------------
+    def attend(self, u: torch.Tensor, tissue: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Attention and classification on a feature grid.
+
+        Args:
+            u: (B, 512, H', W') feature grids, zero at non-tissue positions.
+            tissue: (B, H', W') bool, the positions that hold tissue tiles.
+
+        Returns:
+            logits (B, C), maps (B, m, H', W'), scores V (B, m, H', W'; -inf off tissue).
+        """
+        if not bool(tissue.flatten(1).any(1).all()):
+            raise ValueError("a grid has no tissue positions; nothing to attend to")
+        u = u.float()
+        v = self.attention(u)  # (B, m, H', W')
+        v = v.masked_fill(~tissue[:, None], float("-inf"))
+        alpha = torch.softmax(v.flatten(2), dim=-1)  # (B, m, H'·W'), Eq. (1)
+        z = torch.bmm(alpha, u.flatten(2).transpose(1, 2))  # (B, m, 512), Eq. (2)
+        logits = self.classifier(self.dropout(z.flatten(1)))  # (B, C)
+        return logits, alpha.view_as(v), v
+
+    def forward(
+        self, tiles: torch.Tensor, cells: torch.Tensor, grid_shape: tuple[int, int]
+    ) -> GridOutput:
+        """The whole model on one grid whose tiles fit in memory at once (tests, tiny grids).
+
+        Args:
+            tiles: (N, h, w, 3) uint8 or (N, 3, h, w) float tiles of the tissue cells.
+            cells: (N,) flat grid positions of the tiles.
+            grid_shape: (H', W').
+        """
+        features = self.embed(tiles)
+        u, tissue = cells_to_grid(features, cells.to(features.device), grid_shape)
+        logits, maps, scores = self.attend(u, tissue)
+        return GridOutput(logits[0], maps[0], scores[0], features)
+
+    # -- chunked passes ------------------------------------------------------------------
+    def _embed_chunks(
+        self, chunks: Iterable[torch.Tensor], device: torch.device, autocast: _Autocast
+    ) -> Iterator[torch.Tensor]:
+        for tiles in chunks:
+            tiles = tiles.to(device, non_blocking=True)
+            with autocast():
+                x = self.prepare(tiles)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                features = self.trainable_features(self.frozen_features(x))
+            yield features.float()
+
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        chunks: Iterable[torch.Tensor],
+        cells: torch.Tensor,
+        grid_shape: tuple[int, int],
+        *,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+    ) -> GridOutput:
+        """Inference on a grid whose tiles arrive in chunks; memory: one chunk + U.
+
+        Args:
+            chunks: tiles in the order of ``cells``, in chunks.
+            cells: (N,) flat grid positions.
+            grid_shape: (H', W').
+            device: where to compute (default: where the model is).
+            amp: autocast (fp16 on CUDA, bf16 on CPUs that support it); None = on CUDA only.
+        """
+        device = torch.device(device) if device is not None else _model_device(self)
+        autocast = _Autocast(device, amp)
+        features = torch.cat(list(self._embed_chunks(chunks, device, autocast)))
+        u, tissue = cells_to_grid(features, cells.to(device), grid_shape)
+        logits, maps, scores = self.attend(u, tissue)
+        return GridOutput(logits[0], maps[0], scores[0], features)
+
+    def train_step(
+        self,
+        chunks: Callable[[], Iterable[torch.Tensor]],
+        cells: torch.Tensor,
+        grid_shape: tuple[int, int],
+        target: int,
+        *,
+        loss_scale: float = 1.0,
+        class_weights: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+        cache_bytes: int = 0,
+    ) -> StepResult:
+        """Accumulate the gradients of one grid's cross-entropy loss (no optimiser step).
+
+        Pass 1 embeds every chunk without autograd (BN of trainable stages in train mode,
+        updating running statistics once); the head's backward then gives dL/dU; pass 2
+        re-embeds each chunk with autograd and back-propagates its slice of dL/dU (BN
+        statistics frozen, so both passes compute the same features).
+
+        Args:
+            chunks: called once or twice; each call yields the same tiles, same order.
+            cells: (N,) flat grid positions of the tiles.
+            grid_shape: (H', W').
+            target: the grid's class index.
+            loss_scale: multiplies the loss (1 / slides per optimiser step).
+            class_weights: (C,) cross-entropy class weights.
+            device: where to compute (default: where the model is).
+            amp: autocast as in ``predict_chunks``.
+            cache_bytes: keep the frozen stages' output of pass 1 for pass 2 while it
+                fits in this many bytes (saves recomputing and re-reading; 0 = never).
+        """
+        device = torch.device(device) if device is not None else _model_device(self)
+        autocast = _Autocast(device, amp)
+        trainable = self.config.trainable_blocks > 0
+        cache: list[torch.Tensor] | None = [] if (trainable and cache_bytes > 0) else None
+        cached = 0
+        parts = []
+        with torch.no_grad():
+            for tiles in chunks():
+                tiles = tiles.to(device, non_blocking=True)
+                with autocast():
+                    x = self.prepare(tiles)
+                    if device.type == "cuda":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    h = self.frozen_features(x)
+                    parts.append(self.trainable_features(h).float())
+                if cache is not None:
+                    cached += h.numel() * h.element_size()
+                    if cached <= cache_bytes:
+                        cache.append(h)
+                    else:
+                        cache = None
+        features = torch.cat(parts).requires_grad_(trainable)
+        del parts
+        u, tissue = cells_to_grid(features, cells.to(device), grid_shape)
+        logits, _, _ = self.attend(u, tissue)
+        weight = class_weights.to(device) if class_weights is not None else None
+        loss = F.cross_entropy(
+            logits, torch.tensor([int(target)], device=device), weight=weight
+        ) * float(loss_scale)
+        loss.backward()
+        if trainable:
+            grad = features.grad
+            start = 0
+            with _frozen_batchnorm_stats([*self.trainable_stages, self.trunk.final_bn]):
+                source = (
+                    cache if cache is not None else self._frozen_chunks(chunks, device, autocast)
+                )
+                for h in source:
+                    with autocast():
+                        out = self.trainable_features(h).float()
+                    n = out.shape[0]
+                    out.backward(grad[start : start + n])
+                    start += n
+            if start != grad.shape[0]:
+                raise RuntimeError(
+                    f"the tile chunks changed between passes ({grad.shape[0]} tiles, then "
+                    f"{start}); chunks() must give the same tiles each time"
+                )
+        return StepResult(float(loss.detach()), logits.detach()[0])
+
+    def _frozen_chunks(
+        self, chunks: Callable[[], Iterable[torch.Tensor]], device: torch.device, autocast
+    ) -> Iterator[torch.Tensor]:
+        for tiles in chunks():
+            tiles = tiles.to(device, non_blocking=True)
+            with autocast():
+                x = self.prepare(tiles)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield self.frozen_features(x)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def calibrate_frozen_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Estimate the frozen stages' BN statistics from tiles (for an untrained trunk).
+
+        A frozen trunk that was never trained has BN running statistics of 0 and 1,
+        which do not match its activations; with no pretrained weights, set them from
+        cohort tiles once before training. Returns the number of tiles used.
+        """
+        bns = [m for s in self.frozen_stages for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
+        saved = [(m, m.momentum) for m in bns]
+        count = 0
+        device = _model_device(self)
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+                m.train()
+            with torch.no_grad():
+                for tiles in batches:
+                    x = self.prepare(tiles.to(device))
+                    for stage in self.frozen_stages:
+                        x = stage(x)
+                    count += tiles.shape[0]
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
+            self.train(self.training)
+        return count
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The parameters that train, as one optimiser group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+
+class _Autocast:
+    """Mixed precision where it helps: fp16 on CUDA, bf16 on CPUs with native support."""
+
+    def __init__(self, device: torch.device, amp: bool | None):
+        if amp is None:
+            amp = device.type == "cuda"
+        self.enabled = bool(amp)
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.dtype = torch.bfloat16
+        self.device_type = device.type
+
+    def __call__(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(modules: Sequence[nn.Module]):
+    """Batch statistics without updating running statistics (momentum 0) inside the block."""
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        if m.training:
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def grid_shape_for(height: int, width: int, tile: int) -> tuple[int, int]:
+    """The paper's grid: H' = floor(H / h), W' = floor(W / w) (at least 1 x 1)."""
+    return max(1, math.floor(height / tile)), max(1, math.floor(width / tile))
+
+
+def _register() -> None:
+    from .checkpoint import register_model
+
+    register_model(MODEL_KIND, GridAttentionConfig.from_dict, GridAttention)
+
+
+_register()
