@@ -1,0 +1,230 @@
+"""Whole-slide inference: ``predict_slide`` yields progress and returns a ``SlideResult``.
+
+One code path for the CLI (progress bar), the GUI (thread worker) and tests
+(``run_to_end``). The slide is cut into its tissue pieces; each piece's tiles are read
+in chunks at the level closest to the model's input resolution while the model works
+on the previous chunk; the pieces' results come out one by one (in the ``piece``
+events' data, so a viewer can draw them as they arrive) and are aggregated into the
+slide's call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .progress import Progress
+from .results import PieceResult, SlideResult
+from .slide.reader import Slide, open_slide
+from .slide.tissue import TissueParams, tissue_mask
+from .train.data import PieceSample, read_level_for, slide_pieces, tile_chunks, tile_edge_px
+
+__all__ = ["AGGREGATIONS", "aggregate", "cpu_bf16_supported", "predict_slide", "resolve_device"]
+
+AGGREGATIONS = ("highest-risk", "mean", "max")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """ "auto" -> CUDA when available, else CPU; other names as torch understands them.
+
+    Raises:
+        ValueError: CUDA asked for but not available.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU here")
+    return device
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16
+    autocast speeds things up instead of emulating."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_amp(device: torch.device) -> bool:
+    """Autocast by default on CUDA, and on CPUs with native bf16."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_supported())
+
+
+def aggregate(
+    piece_probabilities: Sequence[np.ndarray], rule: str, risk: Sequence[int]
+) -> tuple[np.ndarray, int]:
+    """The slide's probabilities and class from its pieces'.
+
+    Args:
+        piece_probabilities: (C,) per piece.
+        rule: "highest-risk" (the paper: the slide takes the highest-risk class predicted
+            for any piece, with that piece's probabilities), "mean" (mean probabilities)
+            or "max" (per-class maximum, renormalised).
+        risk: class indices from lowest to highest risk.
+    """
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {rule!r}; expected one of {AGGREGATIONS}")
+    if not piece_probabilities:
+        raise ValueError("no pieces to aggregate")
+    probs = np.stack([np.asarray(p, dtype=np.float64) for p in piece_probabilities])
+    if rule == "mean":
+        slide = probs.mean(0)
+        return slide.astype(np.float32), int(slide.argmax())
+    if rule == "max":
+        slide = probs.max(0)
+        slide = slide / slide.sum()
+        return slide.astype(np.float32), int(slide.argmax())
+    rank = {c: i for i, c in enumerate(risk)}
+    predicted = probs.argmax(1)
+    top = max(predicted, key=lambda c: rank[int(c)])
+    candidates = np.nonzero(predicted == top)[0]
+    best = candidates[probs[candidates, top].argmax()]
+    return probs[best].astype(np.float32), int(top)
+
+
+def predict_slide(
+    model: torch.nn.Module | str | os.PathLike,
+    slide: Slide | str | os.PathLike,
+    *,
+    device: str | torch.device | None = "auto",
+    chunk_tiles: int = 64,
+    aggregation: str = "highest-risk",
+    tissue: TissueParams | None = None,
+    min_tissue: float = 0.5,
+    amp: bool | None = None,
+    mpp: float | None = None,
+    pieces: Sequence[PieceSample] | None = None,
+) -> Generator[Progress, None, SlideResult]:
+    """Run a grid-attention model on a slide, piece by piece.
+
+    Args:
+        model: a ``GridAttention`` (or a checkpoint path to load one from).
+        slide: an opened slide or its path.
+        device: "auto", "cpu", "cuda", ...
+        chunk_tiles: tiles per forward pass.
+        aggregation: how pieces make the slide's call (see ``aggregate``).
+        tissue: tissue detection settings.
+        min_tissue: tissue fraction a tile needs to be in the grid.
+        amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = where it is native.
+        mpp: pixel size override for slides without one.
+        pieces: the samples to run (default: all tissue pieces of the slide).
+
+    Yields:
+        Progress events: "tissue", then one "piece" per piece (data: "piece" holds the
+        PieceResult).
+
+    Returns:
+        The slide's result.
+    """
+    from .models.checkpoint import load_model
+    from .models.grid_attention import GridAttention
+
+    start = time.perf_counter()
+    timings = {"tissue": 0.0, "read_and_model": 0.0}
+    device = resolve_device(device)
+    checkpoint_path = None
+    if not isinstance(model, torch.nn.Module):
+        checkpoint_path = str(model)
+        model, _ = load_model(model, device)
+    if not isinstance(model, GridAttention):
+        raise TypeError(f"predict_slide runs grid-attention models, got {type(model).__name__}")
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    use_amp = default_amp(device) if amp is None else amp
+    config = model.config
+    own = not isinstance(slide, Slide)
+    if own:
+        slide = open_slide(slide, mpp=mpp)
+    try:
+        tile_px = tile_edge_px(slide, config.tile_um)
+        level = read_level_for(slide, tile_px, config.input_px)
+        yield Progress("tissue", 0, 1, f"finding tissue in {Path(slide.path).name}")
+        t0 = time.perf_counter()
+        if pieces is None:
+            mask = tissue_mask(slide, tissue)
+            pieces = slide_pieces(slide, tile_px, min_tissue=min_tissue, mask=mask)
+        timings["tissue"] = time.perf_counter() - t0
+        if not pieces:
+            raise ValueError(f"{slide.path}: no tissue found (no piece has a tissue tile)")
+        n_tiles = sum(p.n_tiles for p in pieces)
+        yield Progress(
+            "tissue",
+            1,
+            1,
+            f"{len(pieces)} tissue piece(s), {n_tiles} tiles",
+            {"pieces": len(pieces), "tiles": n_tiles},
+        )
+        results: list[PieceResult] = []
+        done_tiles = 0
+        for i, sample in enumerate(pieces):
+            t0 = time.perf_counter()
+            chunks, cells, shape = tile_chunks(slide, sample, level, chunk_tiles=chunk_tiles)
+            out = model.predict_chunks(chunks(), cells, shape, device=device, amp=use_amp)
+            probs = torch.softmax(out.logits.float(), 0).cpu().numpy()
+            scores = out.scores.float().cpu().numpy()
+            scores[~np.isfinite(scores)] = np.nan
+            piece = PieceResult(
+                index=int(sample.piece),
+                box=tuple(int(v) for v in sample.box),
+                probabilities=probs,
+                grid_origin=tuple(int(v) for v in sample.grid.origin),
+                tile_size=int(sample.grid.tile_size),
+                level=int(level),
+                maps=out.maps.float().cpu().numpy(),
+                scores=scores,
+                tissue=np.asarray(sample.grid.in_tissue, dtype=bool),
+                info={"tiles": int(sample.n_tiles), "seconds": time.perf_counter() - t0},
+            )
+            timings["read_and_model"] += time.perf_counter() - t0
+            results.append(piece)
+            done_tiles += sample.n_tiles
+            name = config.classes[piece.predicted]
+            yield Progress(
+                "piece",
+                i + 1,
+                len(pieces),
+                f"piece {sample.piece}: {name} ({probs[piece.predicted]:.0%}), "
+                f"{sample.n_tiles} tiles",
+                {"piece": piece, "tiles_done": done_tiles, "tiles": n_tiles},
+            )
+        probabilities, predicted = aggregate(
+            [p.probabilities for p in results], aggregation, config.risk
+        )
+        timings["total"] = time.perf_counter() - start
+        info: dict[str, Any] = {
+            "device": str(device),
+            "amp": bool(use_amp),
+            "tiles": int(n_tiles),
+            "tile_px": int(tile_px),
+            "tiles_per_second": n_tiles / max(timings["read_and_model"], 1e-9),
+        }
+        return SlideResult(
+            slide=str(slide.path),
+            model_kind=config.kind,
+            classes=config.classes,
+            probabilities=probabilities,
+            predicted=predicted,
+            aggregation=aggregation,
+            pieces=results,
+            timings=timings,
+            model={"checkpoint": checkpoint_path, "config": config.to_dict()},
+            slide_info={
+                "mpp": list(slide.mpp) if slide.mpp else None,
+                "dimensions": list(slide.dimensions),
+                "vendor": slide.vendor,
+                "read_level": int(level),
+            },
+            info=info,
+        )
+    finally:
+        if own:
+            slide.close()
