@@ -169,6 +169,222 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=Path(args.out), headless=args.headless, size=args.size)
 
 
+# -- models ------------------------------------------------------------------------------
+class _ProgressPrinter:
+    """Prints progress events: one line per epoch/piece, a live line for steps on a tty."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.live = False
+
+    def __call__(self, event) -> None:
+        if self.quiet:
+            return
+        if event.stage == "step":
+            if self.tty:
+                print(f"\r{event.message:<78}", end="", file=sys.stderr, flush=True)
+                self.live = True
+            return
+        if self.live:
+            print(file=sys.stderr)
+            self.live = False
+        total = f" [{event.done}/{event.total}]" if event.total else ""
+        print(f"{event.stage}{total} {event.message}", file=sys.stderr, flush=True)
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+        try:
+            values[key.strip().replace("-", "_")] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip().replace("-", "_")] = text
+    return values
+
+
+_TRAIN_OPTIONS = (
+    "epochs",
+    "lr",
+    "samples_per_step",
+    "n_maps",
+    "tile_um",
+    "input_px",
+    "chunk_tiles",
+    "trainable_blocks",
+    "weights",
+    "device",
+    "seed",
+    "batch_size",
+)
+
+
+def _settings(cls, args: argparse.Namespace):
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    values = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k, None) is not None}
+    values = {k: v for k, v in values.items() if k in known}
+    if getattr(args, "amp", None):
+        values["amp"] = True
+    values.update(_parse_sets(args.set))
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) for this model: {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
+def _cohort(args: argparse.Namespace):
+    from .train.cohort import read_cohort
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    return read_cohort(args.cohort, classes)
+
+
+def cmd_synth_cohort(args: argparse.Namespace) -> int:
+    from .train.cohort import make_synthetic_cohort
+
+    per = {}
+    for item in args.per_class:
+        split, _, n = item.partition("=")
+        per[split] = int(n)
+    cohort = make_synthetic_cohort(
+        args.out,
+        slides_per_class=per,
+        size=tuple(args.size),
+        seed=args.seed,
+        lesion_size=args.lesion_size,
+        n_pieces=args.n_pieces,
+    )
+    print(f"{cohort.path}: {len(cohort)} slides")
+    for split, counts in cohort.counts().items():
+        print(f"  {split:<5} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import run_to_end
+
+    cohort = _cohort(args)
+    tissue = _tissue_params(args)
+    printer = _ProgressPrinter(args.quiet)
+    if args.model == "grid":
+        from .train.grid import GridTrainSettings, train_grid
+
+        settings = _settings(GridTrainSettings, args)
+        work = train_grid(
+            cohort, args.out, settings, resume=not args.no_resume, tissue=tissue, init=args.init
+        )
+    else:
+        from .train.sliding_window import SlidingWindowSettings, train_sliding_window
+
+        settings = _settings(SlidingWindowSettings, args)
+        work = train_sliding_window(cohort, args.out, settings, resume=not args.no_resume)
+    summary = run_to_end(work, printer)
+    print(f"best: {summary.best}\nlast: {summary.last}\nlog: {Path(args.out) / 'log.csv'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import predict
+    from .progress import run_to_end
+
+    slide = _open(args.slide, args.mpp)
+    with slide:
+        options: dict[str, Any] = {"device": args.device, "tissue": _tissue_params(args)}
+        if args.aggregation:
+            options["aggregation"] = args.aggregation
+        if args.amp:
+            options["amp"] = True
+        result = run_to_end(predict(args.model, slide, **options), _ProgressPrinter(args.quiet))
+    path = result.save(args.out)
+    if args.json:
+        print(json.dumps(result.to_json_dict(), indent=2))
+    else:
+        print(result.summary())
+        print(f"saved: {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .inference import load_any, predict
+    from .progress import run_to_end
+    from .train.metrics import evaluate, format_confusion, format_table2
+
+    cohort = _cohort(args)
+    entries = cohort.split(args.split)
+    if not entries:
+        raise ValueError(f"{cohort.path}: the {args.split!r} split has no slides")
+    tissue = _tissue_params(args)
+    printer = _ProgressPrinter(True)
+    results: dict[str, Any] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for model_path in args.model:
+        model, checkpoint = load_any(model_path, args.device)
+        classes = tuple(checkpoint.config["classes"])
+        if classes != cohort.classes:
+            raise ValueError(
+                f"{model_path}: the model's classes {list(classes)} differ from the cohort's "
+                f"{list(cohort.classes)} (pass --classes in the model's order)"
+            )
+        name = f"{checkpoint.kind} ({Path(model_path).parent.name or Path(model_path).stem})"
+        while name in results:
+            name += "'"
+        probs, truth, preds, slide_rows = [], [], [], []
+        for n, entry in enumerate(entries, 1):
+            result = run_to_end(
+                predict(model, entry.slide, device=args.device, tissue=tissue), printer
+            )
+            probs.append(result.probabilities.astype(np.float64))
+            preds.append(result.predicted)
+            truth.append(entry.label)
+            slide_rows.append(
+                {
+                    "slide": str(entry.slide),
+                    "truth": cohort.classes[entry.label],
+                    "predicted": result.predicted_class,
+                    "confidence": float(result.confidence),
+                }
+            )
+            if not args.quiet:
+                print(
+                    f"{name}: [{n}/{len(entries)}] {entry.slide.name}: "
+                    f"{result.predicted_class} (truth {cohort.classes[entry.label]})",
+                    file=sys.stderr,
+                )
+        p = np.stack(probs)
+        results[name] = evaluate(truth, preds, p / p.sum(1, keepdims=True), classes=classes)
+        rows[name] = slide_rows
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "split": args.split,
+                    "cohort": str(cohort.path),
+                    "models": {
+                        k: {"metrics": m.to_dict(), "slides": rows[k]} for k, m in results.items()
+                    },
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"{args.split} split of {cohort.path}: {len(entries)} slides\n")
+        print(format_table2(results))
+        for name, metrics in results.items():
+            print(f"\n{name}: confusion (rows truth, columns prediction)")
+            print(format_confusion(metrics))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slide-attention",
@@ -205,6 +421,76 @@ def build_parser() -> argparse.ArgumentParser:
     tissue.add_argument("--json", action="store_true")
     _add_tissue_options(tissue)
     tissue.set_defaults(func=cmd_tissue)
+
+    cohort = sub.add_parser("synth-cohort", help="write a cohort of synthetic slides + CSV")
+    cohort.add_argument("out", help="output folder (cohort.csv and the slides)")
+    cohort.add_argument(
+        "--per-class",
+        nargs="+",
+        default=["train=4", "val=2", "test=2"],
+        metavar="SPLIT=N",
+        help="slides per class and split",
+    )
+    cohort.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(3072, 2048))
+    cohort.add_argument("--seed", type=int, default=0)
+    cohort.add_argument("--lesion-size", type=int, default=100, help="lesion side, level-0 px")
+    cohort.add_argument("--n-pieces", type=int, help="tissue pieces per slide (default 1-3)")
+    cohort.set_defaults(func=cmd_synth_cohort)
+
+    train = sub.add_parser("train", help="train a model on a cohort (grid or sliding-window)")
+    train.add_argument("model", choices=("grid", "sliding-window"))
+    train.add_argument("--cohort", required=True, help="cohort CSV (slide,label,split,...)")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, logs")
+    train.add_argument("--classes", help="class names, lowest to highest risk, comma-separated")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--lr", type=float, help="initial learning rate")
+    train.add_argument("--samples-per-step", type=int, help="grid: pieces per optimiser step")
+    train.add_argument("--batch-size", type=int, help="sliding window: crops per step")
+    train.add_argument("--n-maps", type=int, help="grid: attention maps (64)")
+    train.add_argument("--tile-um", type=float, help="grid: tile edge in µm (246)")
+    train.add_argument("--input-px", type=int, help="tile edge fed to the network (224)")
+    train.add_argument("--chunk-tiles", type=int, help="tiles per forward chunk")
+    train.add_argument("--trainable-blocks", type=int, help="trunk stages that train")
+    train.add_argument("--weights", help="pretrained trunk weights (local file)")
+    train.add_argument("--init", help="grid: start from this checkpoint (fine-tune)")
+    train.add_argument("--device", help="auto, cpu or cuda")
+    train.add_argument("--amp", action="store_true", help="mixed precision")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--no-resume", action="store_true", help="start over in --out")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other training setting (JSON value), e.g. --set lr_decay=0.9",
+    )
+    train.add_argument("--quiet", action="store_true")
+    _add_tissue_options(train)
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="run a trained model on a slide; save the result")
+    predict.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    predict.add_argument("--slide", required=True)
+    predict.add_argument("--out", required=True, help="result folder (result.json + zarr)")
+    predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    predict.add_argument("--aggregation", choices=("highest-risk", "mean", "max"))
+    predict.add_argument("--amp", action="store_true", help="mixed precision")
+    predict.add_argument("--mpp", type=float, help="override the slide's µm per pixel")
+    predict.add_argument("--json", action="store_true")
+    predict.add_argument("--quiet", action="store_true")
+    _add_tissue_options(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="Table-2 metrics of models on a cohort split")
+    evaluate.add_argument("--model", required=True, action="append", help="checkpoint (repeat)")
+    evaluate.add_argument("--cohort", required=True)
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--classes", help="class names, lowest to highest risk")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--quiet", action="store_true")
+    _add_tissue_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="sample slide in napari (headless: screenshot + report)")
     demo.add_argument("--out", default="out/demo", help="where headless output goes")

@@ -228,3 +228,41 @@ def predict_slide(
     finally:
         if own:
             slide.close()
+
+
+def load_any(path: str | os.PathLike, device: str | torch.device | None = "auto"):
+    """The model in a checkpoint of any kind, on ``device``, with its checkpoint."""
+    from .models.checkpoint import load_model
+
+    return load_model(path, resolve_device(device))
+
+
+def predict(
+    model: torch.nn.Module | str | os.PathLike,
+    slide: Slide | str | os.PathLike,
+    **options: Any,
+) -> Generator[Progress, None, SlideResult]:
+    """``predict_slide`` for any model kind: grid attention or the sliding window.
+
+    Args:
+        model: a model, or a checkpoint path (its kind decides).
+        slide: an opened slide or its path.
+        **options: passed on (device, chunk_tiles, tissue, min_tissue, amp, mpp; the grid
+            model also takes aggregation).
+    """
+    from .models.grid_attention import GridAttention
+
+    if not isinstance(model, torch.nn.Module):
+        model, checkpoint = load_any(model, options.get("device", "auto"))
+        options.setdefault("checkpoint", str(checkpoint.path))
+    checkpoint = options.pop("checkpoint", None)
+    if isinstance(model, GridAttention):
+        result = yield from predict_slide(model, slide, **options)
+    else:
+        from .train.sliding_window import predict_slide_sliding_window
+
+        options.pop("aggregation", None)
+        result = yield from predict_slide_sliding_window(model, slide, **options)
+    if checkpoint:
+        result.model["checkpoint"] = checkpoint
+    return result
