@@ -164,6 +164,13 @@ def read_cohort(
         )
     rows = []
     for line, row in enumerate(reader, start=2):
+        if None in row:  # more fields than the header names
+            raise CohortError(
+                path,
+                f"{len(header) + len(row[None])} fields for {len(header)} columns (a JSON "
+                'lesions value must be quoted: "[{""class"": ...}]")',
+                line,
+            )
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not any(row.values()):
             continue

@@ -312,12 +312,12 @@ def tile_chunks(
 
     def chunks() -> Iterator[torch.Tensor]:
         if identity_order:
-            yield from _chunked(_stream_bands(read_band, bands, prefetch), chunk_tiles)
+            yield from _chunked(_stream_bands(read_band, bands, prefetch), chunk_tiles, len(order))
         else:
             # a rotated grid reorders the tiles: collect them all (N tiles at the level,
             # the read size of the piece), then emit in the new order
             everything = list(_stream_bands(read_band, bands, prefetch))
-            yield from _chunked((oriented(everything[i]) for i in order), chunk_tiles)
+            yield from _chunked((oriented(everything[i]) for i in order), chunk_tiles, len(order))
 
     return chunks, torch.from_numpy(cells), shape
 
@@ -340,13 +340,19 @@ def _stream_bands(
             yield from tiles
 
 
-def _chunked(tiles: Iterator[np.ndarray], n: int) -> Iterator[torch.Tensor]:
+def _chunked(tiles: Iterator[np.ndarray], n: int, total: int) -> Iterator[torch.Tensor]:
+    """Stack tiles into ``ceil(total / n)`` chunks of nearly equal size (at most ``n``):
+    no tiny last chunk, whose batch statistics would be poor (or undefined for one tile)."""
+    count = max(1, math.ceil(total / n))
+    sizes = [total // count + (i < total % count) for i in range(count)]
     batch: list[np.ndarray] = []
+    k = 0
     for t in tiles:
         batch.append(t)
-        if len(batch) == n:
+        if len(batch) == sizes[k]:
             yield torch.from_numpy(np.ascontiguousarray(np.stack(batch)))
             batch = []
+            k = min(k + 1, count - 1)
     if batch:
         yield torch.from_numpy(np.ascontiguousarray(np.stack(batch)))
 

@@ -1,0 +1,126 @@
+"""Tissue pieces as samples: labels, grids, chunked reads, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_slide_attention.slide.reader import open_slide
+from napari_slide_attention.train.data import (
+    Augmentation,
+    piece_label,
+    read_level_for,
+    slide_pieces,
+    tile_chunks,
+    tile_edge_px,
+    tissue_statistics,
+)
+
+
+def test_piece_label_is_the_highest_risk_lesion_inside():
+    risk = (0, 2, 1, 3)  # class 1 is riskier than class 2 here
+    box = (0, 0, 100, 100)
+    lesions = [((10, 10, 5, 5), 1), ((50, 50, 5, 5), 2), ((500, 500, 5, 5), 3)]
+    assert piece_label(box, lesions, 0, risk) == 1
+    assert piece_label(box, [], 0, risk) == 0
+
+
+def test_pieces_carry_grids_on_the_slide_lattice_and_lesion_labels(tiny_cohort):
+    entry = next(e for e in tiny_cohort if e.label == 3)
+    with open_slide(entry.slide) as slide:
+        tile = tile_edge_px(slide, 64.0)
+        assert tile == 128  # 64 µm at 0.5 µm/px
+        pieces = slide_pieces(slide, tile, label=3, lesions=entry.lesions, risk=(0, 1, 2, 3))
+    assert pieces
+    for p in pieces:
+        assert p.grid.origin[0] % tile == 0 and p.grid.origin[1] % tile == 0
+        has_lesion = bool(p.lesions)
+        assert p.label == (3 if has_lesion else 0)
+        assert p.cells.shape == (p.n_tiles,)
+    assert any(p.lesions for p in pieces)
+    with_lesion = next(p for p in pieces if p.lesions)
+    assert with_lesion.lesion_cells().any()
+
+
+def test_without_lesion_boxes_every_piece_takes_the_slide_label(tiny_cohort):
+    entry = next(e for e in tiny_cohort if e.label == 2)
+    with open_slide(entry.slide) as slide:
+        pieces = slide_pieces(slide, 128, label=2, risk=(0, 1, 2, 3))
+    assert {p.label for p in pieces} == {2}
+
+
+def test_read_level_is_the_coarsest_that_does_not_upsample(tiny_cohort):
+    with open_slide(tiny_cohort.entries[0].slide) as slide:
+        assert read_level_for(slide, 128, 64) == 1  # 2 level-0 px per input px
+        assert read_level_for(slide, 128, 128) == 0
+        assert read_level_for(slide, 128, 100) == 0  # 1.28: level 1 would upsample
+        coarsest = max(i.index for i in slide.level_info if i.downsample <= 8)
+        assert coarsest >= 1 and read_level_for(slide, 512, 64) == coarsest
+
+
+def test_chunks_give_the_grid_tiles_in_order_and_repeat_identically(tiny_cohort):
+    entry = tiny_cohort.entries[0]
+    with open_slide(entry.slide) as slide:
+        sample = slide_pieces(slide, 128)[0]
+        chunks, cells, shape = tile_chunks(slide, sample, 1, chunk_tiles=7)
+        first = torch.cat(list(chunks()))
+        again = torch.cat(list(chunks()))
+        assert torch.equal(first, again)
+        assert first.shape == (sample.n_tiles, 64, 64, 3) and first.dtype == torch.uint8
+        sizes = [c.shape[0] for c in chunks()]
+        assert max(sizes) <= 7 and max(sizes) - min(sizes) <= 1  # balanced, no tiny tail
+        assert torch.equal(cells, sample.cells) and shape == sample.grid_shape
+        # each tile is read_region of its box at level 1
+        boxes = sample.grid.boxes()
+        for k in (0, len(boxes) // 2, len(boxes) - 1):
+            x, y, w, h = (int(v) for v in boxes[k])
+            np.testing.assert_array_equal(first[k].numpy(), slide.read_region(1, x, y, w, h))
+
+
+@pytest.mark.parametrize("rotations", [1, 2, 3])
+@pytest.mark.parametrize("flip", [False, True])
+def test_rotated_grid_is_the_grid_of_the_rotated_piece(tiny_cohort, rotations, flip):
+    entry = tiny_cohort.entries[1]
+    with open_slide(entry.slide) as slide:
+        sample = slide_pieces(slide, 128)[0]
+        plain_chunks, cells, shape = tile_chunks(slide, sample, 1)
+        plain = torch.cat(list(plain_chunks())).numpy()
+        aug = Augmentation(1.0, rotations, flip)
+        rot_chunks, rot_cells, rot_shape = tile_chunks(slide, sample, 1, augmentation=aug)
+        rotated = torch.cat(list(rot_chunks())).numpy()
+
+    def mosaic(tiles, cells, shape):
+        h, w = shape
+        out = np.zeros((h * 64, w * 64, 3), np.uint8)
+        for t, c in zip(tiles, cells.tolist(), strict=True):
+            r, q = divmod(c, w)
+            out[r * 64 : (r + 1) * 64, q * 64 : (q + 1) * 64] = t
+        return out
+
+    expected = np.rot90(mosaic(plain, cells, shape), rotations)
+    if flip:
+        expected = expected[:, ::-1]
+    np.testing.assert_array_equal(mosaic(rotated, rot_cells, rot_shape), expected)
+
+
+def test_scale_augmentation_lays_the_grid_with_a_scaled_tile(tiny_cohort):
+    with open_slide(tiny_cohort.entries[2].slide) as slide:
+        sample = slide_pieces(slide, 128)[0]
+        bigger = sample.augmented(Augmentation(1.2), 0.5)
+        assert bigger.grid.tile_size == 154 and bigger.n_tiles < sample.n_tiles
+        chunks, _, _ = tile_chunks(slide, bigger, 1)
+        assert next(iter(chunks())).shape[1:3] == (77, 77)
+    draws = {Augmentation.draw(np.random.default_rng(s)) for s in range(50)}
+    assert all(0.8 <= d.scale <= 1.2 for d in draws)
+    assert {d.rotations for d in draws} == {0, 1, 2, 3} and {d.flip for d in draws} == {0, 1}
+
+
+def test_tissue_statistics_leave_out_glass():
+    tissue = np.full((8, 8, 3), (200, 100, 150), np.uint8)
+    glass = np.full((8, 8, 3), 245, np.uint8)
+    mean, std = tissue_statistics([tissue, glass])
+    np.testing.assert_allclose(mean, np.array([200, 100, 150]) / 255, atol=1e-6)
+    assert max(std) < 1e-3
+    with pytest.raises(ValueError, match="no tissue"):
+        tissue_statistics([glass])

@@ -1,0 +1,136 @@
+"""Training the grid-attention model: files, schedule, resume, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
+from napari_slide_attention.models.grid_attention import GridAttention
+from napari_slide_attention.progress import run_to_end
+from napari_slide_attention.train.grid import GridTrainSettings, train_grid
+
+
+def tiny_settings(**kw) -> GridTrainSettings:
+    values = dict(
+        epochs=2,
+        tile_um=128.0,
+        input_px=64,
+        n_maps=4,
+        chunk_tiles=32,
+        normalise_tiles=16,
+        augment=True,
+    )
+    values.update(kw)
+    return GridTrainSettings(**values)
+
+
+def test_paper_schedule():
+    s = GridTrainSettings()
+    assert s.learning_rate(0) == pytest.approx(1e-3)
+    assert s.learning_rate(10) == pytest.approx(1e-3 * 0.95**10)
+    assert s.learning_rate(50) == pytest.approx(1e-4)
+    assert s.learning_rate(51) == pytest.approx(1e-4 * 0.95)
+    assert s.learning_rate(149) == pytest.approx(1e-4 * 0.95**49)
+    assert (s.epochs, s.samples_per_step, s.n_maps, s.kernel, s.dropout) == (200, 2, 64, 3, 0.5)
+    assert s.scale_range == (0.8, 1.2) and s.input_px == 224 and s.trainable_blocks == 1
+
+
+def test_a_run_writes_checkpoints_logs_and_state(tiny_cohort, tmp_path):
+    events = []
+    summary = run_to_end(train_grid(tiny_cohort, tmp_path / "run", tiny_settings()), events.append)
+    run = tmp_path / "run"
+    for name in (
+        "settings.json",
+        "log.csv",
+        "log.json",
+        "last.safetensors",
+        "best.safetensors",
+        "training-state.safetensors",
+        "checkpoints/epoch-0001.safetensors",
+        "checkpoints/epoch-0002.safetensors",
+    ):
+        assert (run / name).exists(), name
+    assert summary.epochs_done == 2 and summary.best == run / "best.safetensors"
+    log = json.loads((run / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert {"train_loss", "lr", "val_mean_f1", "val_accuracy", "seconds"} <= set(log[0])
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    assert "val_mean_f1" in header and "val_metrics" not in header
+    stages = [e.stage for e in events]
+    assert stages.count("epoch") == 2 and "step" in stages and stages[0] == "prepare"
+    # the checkpoint is self-describing: config with classes and normalisation
+    ckpt = read_checkpoint(run / "last.safetensors")
+    assert ckpt.kind == "grid-attention" and tuple(ckpt.config["classes"]) == tiny_cohort.classes
+    assert ckpt.config["mean"] != [0.5, 0.5, 0.5] and ckpt.extra["epoch"] == 1
+    model, _ = load_model(run / "last.safetensors")
+    assert isinstance(model, GridAttention) and model.config.input_px == 64
+    # only the head and the last block changed from the frozen trunk's calibration
+    first = read_checkpoint(run / "checkpoints/epoch-0001.safetensors").tensors
+    last = ckpt.tensors
+    assert torch.equal(first["trunk.layer1.0.conv1.weight"], last["trunk.layer1.0.conv1.weight"])
+    assert not torch.equal(
+        first["trunk.layer4.0.conv1.weight"], last["trunk.layer4.0.conv1.weight"]
+    )
+    assert not torch.equal(first["attention.weight"], last["attention.weight"])
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_the_same(tiny_cohort, tmp_path):
+    settings = tiny_settings(epochs=2, augment=True)
+    run_to_end(train_grid(tiny_cohort, tmp_path / "whole", settings))
+    work = train_grid(tiny_cohort, tmp_path / "cut", settings)
+    for event in work:
+        if event.stage == "epoch":
+            work.close()  # killed after the first epoch's checkpoint
+            break
+    events = []
+    run_to_end(train_grid(tiny_cohort, tmp_path / "cut", settings), events.append)
+    assert any(e.stage == "resume" and e.done == 1 for e in events)
+    assert sum(e.stage == "epoch" for e in events) == 1
+    whole = read_checkpoint(tmp_path / "whole" / "last.safetensors").tensors
+    cut = read_checkpoint(tmp_path / "cut" / "last.safetensors").tensors
+    for name, tensor in whole.items():
+        torch.testing.assert_close(cut[name], tensor, msg=name)
+    log = json.loads((tmp_path / "cut" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [0, 1]
+
+
+def test_resuming_with_other_settings_is_refused(tiny_cohort, tmp_path):
+    run_to_end(train_grid(tiny_cohort, tmp_path / "run", tiny_settings(epochs=1)))
+    with pytest.raises(ValueError, match="other settings"):
+        run_to_end(train_grid(tiny_cohort, tmp_path / "run", tiny_settings(epochs=1, lr=0.1)))
+    # starting over is allowed
+    run_to_end(
+        train_grid(tiny_cohort, tmp_path / "run", tiny_settings(epochs=1, lr=0.1), resume=False)
+    )
+
+
+def test_fine_tuning_starts_from_a_checkpoint(tiny_cohort, tmp_path):
+    run_to_end(train_grid(tiny_cohort, tmp_path / "base", tiny_settings(epochs=1)))
+    base = read_checkpoint(tmp_path / "base" / "last.safetensors")
+    settings = tiny_settings(epochs=1, lr=1e-9, augment=False)
+    run_to_end(
+        train_grid(
+            tiny_cohort, tmp_path / "tuned", settings, init=tmp_path / "base" / "last.safetensors"
+        )
+    )
+    tuned = read_checkpoint(tmp_path / "tuned" / "last.safetensors")
+    assert tuned.config["mean"] == base.config["mean"]
+    torch.testing.assert_close(
+        tuned.tensors["trunk.layer1.0.conv1.weight"], base.tensors["trunk.layer1.0.conv1.weight"]
+    )
+    # a tiny learning rate keeps the weights close to the base model's
+    torch.testing.assert_close(
+        tuned.tensors["attention.weight"], base.tensors["attention.weight"], atol=1e-5, rtol=0
+    )
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        GridTrainSettings(epochs=0)
+    with pytest.raises(ValueError, match="scale_range"):
+        GridTrainSettings(scale_range=(1.2, 0.8))
+    with pytest.raises(ValueError, match="unknown"):
+        GridTrainSettings.from_dict({"epochs": 1, "colour": "red"})
