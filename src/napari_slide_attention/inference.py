@@ -125,7 +125,7 @@ def predict_slide(
         The slide's result.
     """
     from .models.checkpoint import load_model
-    from .models.grid_attention import GridAttention
+    from .models.grid_attention import GridAttention, cells_to_grid
 
     start = time.perf_counter()
     timings = {"tissue": 0.0, "read_and_model": 0.0}
@@ -170,6 +170,11 @@ def predict_slide(
             chunks, cells, shape = tile_chunks(slide, sample, level, chunk_tiles=chunk_tiles)
             out = model.predict_chunks(chunks(), cells, shape, device=device, amp=use_amp)
             probs = torch.softmax(out.logits.float(), 0).cpu().numpy()
+            arrays = {}
+            if not config.hidden:
+                u, _ = cells_to_grid(out.features, cells.to(out.features.device), shape)
+                contributions = model.map_contributions(u, out.maps[None].float())[0]
+                arrays["map_contributions"] = contributions.float().cpu().numpy()  # (C, m)
             scores = out.scores.float().cpu().numpy()
             scores[~np.isfinite(scores)] = np.nan
             piece = PieceResult(
@@ -182,6 +187,7 @@ def predict_slide(
                 maps=out.maps.float().cpu().numpy(),
                 scores=scores,
                 tissue=np.asarray(sample.grid.in_tissue, dtype=bool),
+                arrays=arrays,
                 info={"tiles": int(sample.n_tiles), "seconds": time.perf_counter() - t0},
             )
             timings["read_and_model"] += time.perf_counter() - t0

@@ -200,3 +200,15 @@ def test_config_round_trip_and_validation():
         GridAttentionConfig(classes=("a", "b"), risk_order=(0, 0))
     with pytest.raises(ValueError, match="unknown"):
         GridAttentionConfig.from_dict({"classes": ["a", "b"], "colour": 1})
+
+
+def test_map_contributions_sum_to_the_class_scores():
+    model = small_model().eval()
+    u = torch.randn(2, 512, 3, 3)
+    tissue = torch.ones(2, 3, 3, dtype=torch.bool)
+    logits, maps, _ = model.attend(u, tissue)
+    contributions = model.map_contributions(u, maps)  # (B, C, m)
+    assert contributions.shape == (2, 4, 8)
+    torch.testing.assert_close(
+        contributions.sum(-1) + model.classifier[-1].bias, logits, rtol=1e-4, atol=1e-4
+    )

@@ -299,6 +299,25 @@ class GridAttention(nn.Module):
         logits = self.classifier(self.dropout(z.flatten(1)))  # (B, C)
         return logits, alpha.view_as(v), v
 
+    def map_contributions(self, u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(B, C, m): how much each map's weighted vector adds to each class score.
+
+        With the paper's single fully connected layer the class score is a sum over maps,
+        logit_c = b_c + sum_k W[c, k] . z_k, so W[c, k] . z_k says which maps drove a
+        prediction (used to order maps in the viewer and to check localisation).
+
+        Args:
+            u: (B, 512, H', W') feature grids.
+            maps: (B, m, H', W') attention maps.
+        """
+        if self.config.hidden:
+            raise ValueError("map contributions need the single-layer classifier (hidden=())")
+        z = torch.bmm(maps.flatten(2).float(), u.flatten(2).float().transpose(1, 2))  # (B, m, F)
+        weight = self.classifier[-1].weight  # (C, m·F)
+        n_classes = weight.shape[0]
+        weight = weight.view(n_classes, self.config.n_maps, -1)  # (C, m, F)
+        return torch.einsum("cmf,bmf->bcm", weight, z)
+
     def forward(
         self, tiles: torch.Tensor, cells: torch.Tensor, grid_shape: tuple[int, int]
     ) -> GridOutput:

@@ -31,6 +31,7 @@ from ..slide.tissue import TileGrid, TissueMask, TissueParams, tile_grid, tissue
 __all__ = [
     "Augmentation",
     "PieceSample",
+    "box_cells",
     "piece_label",
     "read_level_for",
     "slide_pieces",
@@ -127,14 +128,23 @@ class PieceSample:
 
     def lesion_cells(self) -> np.ndarray:
         """(H', W') bool: grid cells that overlap a lesion box."""
-        out = np.zeros(self.grid.shape, dtype=bool)
-        t = self.grid.tile_size
-        x0, y0 = self.grid.origin
-        for (x, y, w, h), _ in self.lesions:
-            c0, c1 = math.floor((x - x0) / t), math.ceil((x + w - x0) / t)
-            r0, r1 = math.floor((y - y0) / t), math.ceil((y + h - y0) / t)
-            out[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = True
-        return out
+        return box_cells(
+            [b for b, _ in self.lesions], self.grid.origin, self.grid.tile_size, self.grid.shape
+        )
+
+
+def box_cells(
+    boxes: Sequence[Box], origin: tuple[int, int], tile_size: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """(H', W') bool: the cells of a grid (level-0 origin, tile edge) that overlap any box."""
+    out = np.zeros(tuple(shape), dtype=bool)
+    x0, y0 = origin
+    t = tile_size
+    for x, y, w, h in boxes:
+        c0, c1 = math.floor((x - x0) / t), math.ceil((x + w - x0) / t)
+        r0, r1 = math.floor((y - y0) / t), math.ceil((y + h - y0) / t)
+        out[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = True
+    return out
 
 
 def piece_label(
