@@ -13,6 +13,7 @@ unpickles code) and reports which tensors loaded and which did not.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,9 +197,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, truncation and format errors vary
-        raise WeightsError(
-            path, f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from exc
+        # torch's refusal is a page of advice; keep the line that says what was refused
+        detail = _first_line(exc, containing="Unsupported")
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in detail:
+            raise WeightsError(
+                path,
+                "holds pickled Python objects besides tensors; refused, since unpickling "
+                f"them could run code ({detail})",
+            ) from exc
+        raise WeightsError(path, f"cannot read weights ({type(exc).__name__}: {detail})") from exc
     if isinstance(state, Mapping):
         for key in ("state_dict", "model", "model_state_dict", "weights"):
             inner = state.get(key)
@@ -211,6 +218,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not tensors:
         raise WeightsError(path, "holds no tensors")
     return tensors
+
+
+def _first_line(exc: BaseException, containing: str = "") -> str:
+    """One line of an exception's message (some, like EOFError on an empty file, have none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if containing and containing in line:
+            return line
+    return lines[0] if lines else "no message"
 
 
 def _canonical(name: str) -> str:
