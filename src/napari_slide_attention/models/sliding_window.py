@@ -1,0 +1,357 @@
+"""The sliding-window baseline of Tomita et al. 2019 (Table 2): a crop classifier plus a
+thresholding heuristic that turns its tile probabilities into a slide's call.
+
+The crop classifier is a pre-activation ResNet-18 trunk (the same trunk as the grid
+attention model, so pretrained weights and normalisation carry over), global pooling,
+dropout and one fully connected layer. It is trained on crops cut around annotated
+lesion boxes (and on lesion-free tissue as the lowest-risk class), then applied to every
+tissue tile of a slide. The paper tuned "thresholds for filtering noise" on its
+validation set and aggregated the crop predictions with a pathologist's heuristic that it
+does not spell out; ``aggregate_tiles`` is ours (see there), with per-class thresholds
+and minimum tile counts that training tunes on the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid_attention import _Autocast, _model_device
+from .preact_resnet import PreActResNet, preact_resnet18
+
+__all__ = ["MODEL_KIND", "CropClassifier", "SlidingWindowConfig", "aggregate_tiles"]
+
+MODEL_KIND = "sliding-window"
+
+
+@dataclass
+class SlidingWindowConfig:
+    """Sizes and settings of a sliding-window crop classifier (saved with every checkpoint).
+
+    Attributes:
+        classes: class names, in the order of the model's outputs.
+        risk_order: class indices from lowest to highest risk; empty = the order of
+            ``classes``. The lowest-risk class is the one lesion-free tissue takes.
+        crop_um: crop (tile) edge in micrometres at the slide (492 px at 20x = 246 µm).
+        input_px: crop edge fed to the trunk (crops are resized; 224 in the paper).
+        trainable_blocks: how many of the trunk's last stages train (5 = everything, stem
+            included, as the paper's baseline trained from He initialisation; 0 = frozen).
+        dropout: dropout before the classifier.
+        mean, std: per-channel normalisation of pixels scaled to [0, 1] (cohort statistics).
+        thresholds: per class, the probability a tile needs to count for that class
+            (``aggregate_tiles``); the lowest-risk class's entry is not used. Empty = 0.5
+            for every class.
+        min_counts: per class, how many such tiles make a slide (or piece) that class; the
+            lowest-risk class's entry is not used. Empty = 1 for every class.
+    """
+
+    classes: tuple[str, ...]
+    risk_order: tuple[int, ...] = ()
+    crop_um: float = 246.0
+    input_px: int = 224
+    trainable_blocks: int = 5
+    dropout: float = 0.5
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    thresholds: tuple[float, ...] = ()
+    min_counts: tuple[int, ...] = ()
+    kind: str = field(default=MODEL_KIND, init=False)
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(str(c) for c in self.classes)
+        self.risk_order = tuple(int(i) for i in self.risk_order)
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        n = len(self.classes)
+        if n < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
+        if len(set(self.classes)) != n:
+            raise ValueError(f"class names repeat: {list(self.classes)}")
+        if self.risk_order and sorted(self.risk_order) != list(range(n)):
+            raise ValueError(
+                f"risk_order must list each class index once, got {list(self.risk_order)}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.trainable_blocks <= 5:
+            raise ValueError(f"trainable_blocks must be 0..5, got {self.trainable_blocks}")
+        if self.crop_um <= 0 or self.input_px < 16:
+            raise ValueError("crop_um must be positive and input_px at least 16")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values, std positive")
+        # explicit values in every saved config, so a checkpoint says what it will do
+        self.thresholds = tuple(float(v) for v in self.thresholds) or (0.5,) * n
+        self.min_counts = tuple(int(v) for v in self.min_counts) or (1,) * n
+        _check_rule(self.thresholds, self.min_counts, n)
+
+    @property
+    def risk(self) -> tuple[int, ...]:
+        """Class indices from lowest to highest risk."""
+        return self.risk_order or tuple(range(len(self.classes)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlidingWindowConfig:
+        """Settings from ``to_dict`` output (unknown keys are an error)."""
+        data = {k: v for k, v in data.items() if k != "kind"}
+        names = {f.name for f in cls.__dataclass_fields__.values() if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown sliding-window settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _check_rule(thresholds: Sequence[float], min_counts: Sequence[int], n_classes: int) -> None:
+    if len(thresholds) != n_classes or len(min_counts) != n_classes:
+        raise ValueError(
+            f"thresholds and min_counts need one value per class ({n_classes}), got "
+            f"{len(thresholds)} and {len(min_counts)}"
+        )
+    if not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"thresholds must lie in [0, 1], got {list(thresholds)}")
+    if min(min_counts) < 1:
+        raise ValueError(f"min_counts must be at least 1, got {list(min_counts)}")
+
+
+def aggregate_tiles(
+    tile_probabilities: np.ndarray,
+    thresholds: Sequence[float],
+    min_counts: Sequence[int],
+    risk: Sequence[int],
+) -> tuple[np.ndarray, int]:
+    """The (C,) probabilities and class index of a slide (or piece) from its tiles'.
+
+    The heuristic (ours; the paper tuned noise thresholds on its validation set and a
+    pathologist's aggregation rule it does not describe): going from the highest-risk
+    class down, the first class k other than the lowest-risk one that has at least
+    ``min_counts[k]`` tiles with ``p_k >= thresholds[k]`` is the call; a few confident
+    tiles suffice, since lesions are small, while the count filters isolated false
+    positives. With no such class the call is the lowest-risk class.
+
+    The probabilities summarise the evidence for the call: the mean probability vector
+    of the ``min_counts[k]`` tiles with the highest ``p_k`` for a call k, or the mean of
+    all tiles for the lowest-risk class, renormalised. The call is the rule's, not the
+    argmax of these probabilities: they agree for calls above the lowest-risk class when
+    the thresholds are at least 0.5, but a lowest-risk call can come with a higher class
+    most probable on average (many tiles just below its threshold).
+
+    Args:
+        tile_probabilities: (N, C) class probabilities of the tiles, N >= 1.
+        thresholds: (C,) per-class probability thresholds (lowest-risk entry unused).
+        min_counts: (C,) per-class minimum tile counts, each >= 1 (lowest-risk entry unused).
+        risk: class indices from lowest to highest risk.
+
+    Returns:
+        The (C,) float32 probabilities and the index of the class called.
+
+    Raises:
+        ValueError: no tiles, or arguments of the wrong size.
+    """
+    probs = np.asarray(tile_probabilities, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"need (N, C) tile probabilities with N >= 1, got shape {probs.shape}")
+    n_classes = probs.shape[1]
+    thresholds = [float(t) for t in thresholds]
+    min_counts = [int(m) for m in min_counts]
+    _check_rule(thresholds, min_counts, n_classes)
+    if sorted(int(r) for r in risk) != list(range(n_classes)):
+        raise ValueError(f"risk must list each of the {n_classes} class indices once")
+    for k in reversed([int(r) for r in risk[1:]]):
+        column = probs[:, k]
+        if np.count_nonzero(column >= thresholds[k]) >= min_counts[k]:
+            # stable sort: among equal p_k the earlier tile (row-major) wins
+            top = np.argsort(-column, kind="stable")[: min_counts[k]]
+            return _renormalised(probs[top].mean(0)), k
+    return _renormalised(probs.mean(0)), int(risk[0])
+
+
+def _renormalised(p: np.ndarray) -> np.ndarray:
+    total = p.sum()
+    return (p / total if total > 0 else np.full_like(p, 1.0 / p.size)).astype(np.float32)
+
+
+class CropClassifier(nn.Module):
+    """The sliding-window baseline's crop classifier: ResNet-18 trunk, dropout, linear.
+
+    Args:
+        config: sizes and settings.
+    """
+
+    def __init__(self, config: SlidingWindowConfig):
+        super().__init__()
+        self.config = config
+        self.trunk: PreActResNet = preact_resnet18()
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(self.trunk.n_features, len(config.classes))
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1))
+        self.reset_head()
+        self._apply_freezing()
+
+    # -- set-up --------------------------------------------------------------------------
+    def reset_head(self) -> None:
+        """Glorot initialisation of the classifier, zero bias (the trunk is He-initialised)."""
+        nn.init.xavier_uniform_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def frozen_stages(self) -> list[nn.Module]:
+        """Trunk stages that never train (run without autograd, BN in eval mode)."""
+        stages = [stage for _, stage in self.trunk.stages()]
+        return stages[: len(stages) - self.config.trainable_blocks]
+
+    @property
+    def trainable_stages(self) -> list[nn.Module]:
+        """Trunk stages that train."""
+        stages = [stage for _, stage in self.trunk.stages()]
+        return stages[len(stages) - self.config.trainable_blocks :]
+
+    def _apply_freezing(self) -> None:
+        for stage in self.frozen_stages:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+        if self.config.trainable_blocks == 0:
+            for p in self.trunk.final_bn.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CropClassifier:
+        """Train mode for the trainable parts; frozen stages always use running statistics."""
+        super().train(mode)
+        for stage in self.frozen_stages:
+            stage.eval()
+        if self.config.trainable_blocks == 0:
+            self.trunk.final_bn.eval()
+        return self
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Use these per-channel statistics (pixels in [0, 1]) from now on."""
+        self.config.mean = tuple(float(v) for v in mean)
+        self.config.std = tuple(float(v) for v in std)
+        self.mean.copy_(torch.tensor(self.config.mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(self.config.std).view(1, 3, 1, 1))
+
+    def set_rule(self, thresholds: Sequence[float], min_counts: Sequence[int]) -> None:
+        """Use these per-class thresholds and minimum tile counts in ``aggregate_tiles``."""
+        thresholds = tuple(float(t) for t in thresholds)
+        min_counts = tuple(int(m) for m in min_counts)
+        _check_rule(thresholds, min_counts, len(self.config.classes))
+        self.config.thresholds, self.config.min_counts = thresholds, min_counts
+
+    # -- crops -> classes ----------------------------------------------------------------
+    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, 3) uint8 or (N, 3, h, w) float tiles -> normalised (N, 3, s, s) input.
+
+        uint8 tiles are scaled to [0, 1]; tiles not ``input_px`` square are resized with
+        antialiasing.
+        """
+        if tiles.dtype == torch.uint8:
+            if tiles.shape[-1] == 3:
+                tiles = tiles.permute(0, 3, 1, 2)  # (N, 3, h, w)
+            tiles = tiles.float().div_(255.0)
+        size = self.config.input_px
+        if tuple(tiles.shape[-2:]) != (size, size):
+            tiles = F.interpolate(
+                tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return (tiles - self.mean) / self.std
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits of prepared input (``prepare``'s output)."""
+        with torch.no_grad():  # frozen stages need no autograd
+            for stage in self.frozen_stages:
+                x = stage(x)
+        for stage in self.trainable_stages:
+            x = stage(x)
+        features = self.trunk.head_features(x)  # (N, 512)
+        return self.classifier(self.dropout(features))
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits of raw tiles (uint8 NHWC or float NCHW in [0, 1])."""
+        return self.classify(self.prepare(tiles))
+
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        chunks: Iterable[torch.Tensor],
+        *,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+    ) -> torch.Tensor:
+        """(N, C) float32 class probabilities of tiles that arrive in chunks (on the CPU).
+
+        Args:
+            chunks: raw tiles, in chunks.
+            device: where to compute (default: where the model is).
+            amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = on CUDA only.
+        """
+        device = torch.device(device) if device is not None else _model_device(self)
+        autocast = _Autocast(device, amp)
+        parts = []
+        for tiles in chunks:
+            tiles = tiles.to(device, non_blocking=True)
+            with autocast():
+                x = self.prepare(tiles)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits = self.classify(x)
+            parts.append(torch.softmax(logits.float(), 1).cpu())
+        if not parts:
+            return torch.zeros(0, len(self.config.classes))
+        return torch.cat(parts)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def calibrate_frozen_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Estimate the frozen stages' BN statistics from tiles (for an untrained trunk).
+
+        As ``GridAttention.calibrate_frozen_batchnorm``: a frozen, never-trained trunk has
+        BN running statistics of 0 and 1, which do not match its activations. Returns the
+        number of tiles used (0 when no stage is frozen: trained BN layers need no help).
+        """
+        frozen = list(self.frozen_stages)
+        if self.config.trainable_blocks == 0:
+            frozen.append(self.trunk.final_bn)
+        bns = [m for s in frozen for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not bns:
+            return 0
+        saved = [(m, m.momentum) for m in bns]
+        count = 0
+        device = _model_device(self)
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+                m.train()
+            with torch.no_grad():
+                for tiles in batches:
+                    x = self.prepare(tiles.to(device))
+                    for stage in frozen:
+                        x = stage(x)
+                    count += tiles.shape[0]
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
+            self.train(self.training)
+        return count
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The parameters that train, as one optimiser group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+
+def _register() -> None:
+    from .checkpoint import register_model
+
+    register_model(MODEL_KIND, SlidingWindowConfig.from_dict, CropClassifier)
+
+
+_register()

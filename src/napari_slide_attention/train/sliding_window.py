@@ -1,0 +1,1048 @@
+"""The sliding-window baseline of Tomita et al. 2019: training it on lesion crops, tuning
+its aggregation thresholds, and running it on slides.
+
+``train_sliding_window`` is a generator of ``Progress`` events returning a
+``TrainSummary``, like ``train_grid``. Unlike the grid-attention model, the baseline
+needs lesion boxes: every epoch it cuts ``crops_per_lesion`` crops around each lesion of
+the training slides (the crop centre drawn uniformly inside the lesion box, so crops
+jitter around it), labelled with the lesion's class, and ``negatives_per_slide`` tissue
+tiles of each slide that overlap no lesion box, labelled with the lowest-risk class.
+That assumes the boxes cover every lesion of a slide, as the paper's pathologists'
+annotations did. Crops are read at the pyramid level closest to the model's input
+resolution, rotated by quarter turns and flipped at random, resized and normalised by
+the cohort's tissue-pixel statistics.
+
+The paper's recipe (section 4.2): He initialisation, cross-entropy, 100 epochs,
+weight regularisation and learning-rate decay; ours are Adam at lr 1e-3, decayed by
+0.95 per epoch, weight decay 1e-4. After training, the per-class thresholds and minimum
+tile counts of ``aggregate_tiles`` are chosen by grid search on the validation split
+(slide-level mean F1) and written into the best checkpoint's config.
+
+The run directory holds what ``train_grid``'s does: ``settings.json``,
+``checkpoints/epoch-NNNN.safetensors``, ``last.safetensors``, ``best.safetensors`` (best
+validation crop-level mean F1, or training loss without a validation split; it carries the
+tuned thresholds), ``training-state.safetensors``, ``log.csv`` and ``log.json``.
+
+``predict_slide_sliding_window`` mirrors ``inference.predict_slide``: it classifies every
+tissue tile of each piece on the slide-wide tile grid and keeps the tile probabilities.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..inference import default_amp, resolve_device
+from ..models.checkpoint import (
+    load_model,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
+from ..models.grid_attention import _Autocast
+from ..models.preact_resnet import load_weights
+from ..models.sliding_window import CropClassifier, SlidingWindowConfig, aggregate_tiles
+from ..progress import Progress, run_to_end
+from ..results import PieceResult, SlideResult
+from ..slide.reader import Slide, open_slide
+from ..slide.tissue import TissueParams, tissue_mask
+from .cohort import Cohort
+from .data import (
+    PieceSample,
+    read_level_for,
+    slide_pieces,
+    tile_chunks,
+    tile_edge_px,
+    tissue_statistics,
+)
+from .grid import TrainSummary, _replace_copy, _write_log
+from .metrics import Metrics, evaluate
+
+__all__ = [
+    "SlidingWindowSettings",
+    "TunedRule",
+    "predict_slide_sliding_window",
+    "train_sliding_window",
+    "tune_thresholds",
+]
+
+Box = tuple[int, int, int, int]
+# Above this many threshold/count combinations the search is coordinate-wise (see
+# tune_thresholds); the paper's four classes (27,000 combinations) stay exhaustive.
+_MAX_EXHAUSTIVE = 30_000
+# Open slides kept while reading an epoch's crops (file handles and decoder caches).
+_OPEN_SLIDES = 8
+
+
+@dataclass
+class SlidingWindowSettings:
+    """How to train the sliding-window baseline.
+
+    Attributes:
+        epochs: passes over freshly drawn crops (100 in the paper).
+        lr: Adam learning rate.
+        lr_decay: multiplied into the learning rate after every epoch.
+        weight_decay: Adam weight decay (the paper's "weight regularisation").
+        batch_size: crops per optimiser step.
+        crops_per_lesion: crops drawn around each lesion box per epoch (centre uniform
+            inside the box).
+        negatives_per_slide: lesion-free tissue tiles drawn from each slide per epoch,
+            labelled the lowest-risk class.
+        augment: random quarter turns and flips of every crop.
+        crop_um: crop (tile) edge in micrometres at the slide.
+        input_px: crop edge fed to the network.
+        trainable_blocks: trunk stages that train (5 = all, as the paper's baseline).
+        dropout: dropout before the classifier.
+        min_tissue: tissue fraction a tile needs to be a negative, or to be classified at
+            inference.
+        chunk_tiles: tiles per forward pass when classifying whole slides (tuning).
+        weights: a local file of pretrained trunk weights (safetensors or a state dict).
+        calibrate_bn: estimate the frozen trunk stages' BN statistics from training tiles
+            (None = when no weights were given; nothing to do when all stages train).
+        class_weights: "balanced" (inverse class frequency of an epoch's crops) or "none".
+        device: "auto", "cpu", "cuda".
+        amp: autocast; None = on CUDA only.
+        seed: random seed (crop positions, augmentation, dropout, order).
+        normalise_tiles: tissue tiles read per training slide for the normalisation
+            statistics (and the BN calibration).
+        threshold_grid: probability thresholds tried per class when tuning.
+        min_count_grid: minimum tile counts tried per class when tuning.
+        max_hours: stop after the epoch that passes this many hours (0 = no limit).
+    """
+
+    epochs: int = 100
+    lr: float = 1e-3
+    lr_decay: float = 0.95
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    crops_per_lesion: int = 8
+    negatives_per_slide: int = 16
+    augment: bool = True
+    crop_um: float = 246.0
+    input_px: int = 224
+    trainable_blocks: int = 5
+    dropout: float = 0.5
+    min_tissue: float = 0.5
+    chunk_tiles: int = 64
+    weights: str | None = None
+    calibrate_bn: bool | None = None
+    class_weights: str = "balanced"
+    device: str = "auto"
+    amp: bool | None = None
+    seed: int = 0
+    normalise_tiles: int = 64
+    threshold_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    min_count_grid: tuple[int, ...] = (1, 2, 3, 5, 8)
+    max_hours: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.threshold_grid = tuple(float(v) for v in self.threshold_grid)
+        self.min_count_grid = tuple(int(v) for v in self.min_count_grid)
+        if self.epochs < 1 or self.batch_size < 2 or self.chunk_tiles < 1:
+            raise ValueError("epochs and chunk_tiles must be at least 1, batch_size at least 2")
+        if self.crops_per_lesion < 1 or self.negatives_per_slide < 0:
+            raise ValueError("crops_per_lesion must be at least 1, negatives_per_slide >= 0")
+        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.weight_decay < 0:
+            raise ValueError("lr must be positive, lr_decay in (0, 1], weight_decay >= 0")
+        if self.class_weights not in ("balanced", "none"):
+            raise ValueError("class_weights must be 'balanced' or 'none'")
+        if not self.threshold_grid or not all(0 <= t <= 1 for t in self.threshold_grid):
+            raise ValueError(f"threshold_grid needs values in [0, 1], got {self.threshold_grid}")
+        if not self.min_count_grid or min(self.min_count_grid) < 1:
+            raise ValueError(f"min_count_grid needs values >= 1, got {self.min_count_grid}")
+        if self.normalise_tiles < 1:
+            raise ValueError("normalise_tiles must be at least 1")
+
+    def model_config(self, classes: tuple[str, ...]) -> SlidingWindowConfig:
+        """The crop classifier these settings train (default aggregation thresholds)."""
+        return SlidingWindowConfig(
+            classes=classes,
+            crop_um=self.crop_um,
+            input_px=self.input_px,
+            trainable_blocks=self.trainable_blocks,
+            dropout=self.dropout,
+        )
+
+    def learning_rate(self, epoch: int) -> float:
+        """lr · decay^epoch."""
+        return self.lr * self.lr_decay**epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlidingWindowSettings:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TunedRule:
+    """The aggregation rule chosen on the validation split.
+
+    Attributes:
+        thresholds: (C,) per-class probability thresholds.
+        min_counts: (C,) per-class minimum tile counts.
+        metrics: slide-level metrics of the rule on the validation slides.
+        combinations: threshold/count combinations evaluated.
+        search: "exhaustive" or "coordinate".
+    """
+
+    thresholds: tuple[float, ...]
+    min_counts: tuple[int, ...]
+    metrics: Metrics
+    combinations: int
+    search: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "thresholds": list(self.thresholds),
+            "min_counts": list(self.min_counts),
+            "val_mean_f1": self.metrics.mean.f1,
+            "val_accuracy": self.metrics.accuracy,
+            "val_slides": self.metrics.n,
+            "combinations": self.combinations,
+            "search": self.search,
+        }
+
+
+@dataclass
+class _CropSource:
+    """A slide's crops: lesion boxes, lesion-free tissue tiles and how to read them."""
+
+    slide: str
+    label: int
+    level: int
+    tile_px: int
+    lesions: list[tuple[Box, int]]
+    negatives: np.ndarray  # (n, 2) level-0 (x, y) of lesion-free tissue tiles
+    pieces: list[PieceSample] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class _Crop:
+    source: int
+    x: int
+    y: int
+    label: int
+    rotations: int = 0
+    flip: bool = False
+
+
+def _check_lesions(cohort: Cohort, splits: Sequence[str], risk: Sequence[int]) -> None:
+    """Raise before any slide is opened when a slide above the lowest risk lacks boxes."""
+    for entry in cohort.entries:
+        if entry.split in splits and entry.label != risk[0] and not entry.lesions:
+            given = "no lesion boxes" if entry.lesions is None else "an empty list of lesions"
+            raise ValueError(
+                f"{entry.slide}: a {cohort.classes[entry.label]!r} slide of the "
+                f"{entry.split!r} split has {given}; the sliding-window baseline trains on "
+                "crops around lesions, so give their boxes in the cohort's lesions column "
+                '(a JSON list of {"class", "box"}, or \'sidecar\')'
+            )
+
+
+def _lesion_free(boxes: np.ndarray, lesions: Sequence[tuple[Box, int]]) -> np.ndarray:
+    """(n,) bool: which (x, y, w, h) boxes overlap no lesion box."""
+    keep = np.ones(len(boxes), dtype=bool)
+    for (lx, ly, lw, lh), _ in lesions:
+        hit = (
+            (boxes[:, 0] < lx + lw)
+            & (boxes[:, 0] + boxes[:, 2] > lx)
+            & (boxes[:, 1] < ly + lh)
+            & (boxes[:, 1] + boxes[:, 3] > ly)
+        )
+        keep &= ~hit
+    return keep
+
+
+def _prepare_sources(
+    cohort: Cohort,
+    split: str,
+    settings: SlidingWindowSettings,
+    tissue: TissueParams | None,
+) -> Generator[Progress, None, list[_CropSource]]:
+    """The crop sources of a split's slides (slides with neither lesions nor tissue left out)."""
+    entries = cohort.split(split)
+    out = []
+    for n, entry in enumerate(entries):
+        with open_slide(entry.slide) as slide:
+            tile_px = tile_edge_px(slide, settings.crop_um)
+            level = read_level_for(slide, tile_px, settings.input_px)
+            mask = tissue_mask(slide, tissue)
+            pieces = slide_pieces(slide, tile_px, min_tissue=settings.min_tissue, mask=mask)
+        lesions = list(entry.lesions or [])
+        boxes = (
+            np.concatenate([p.grid.boxes() for p in pieces])
+            if pieces
+            else np.zeros((0, 4), np.int64)
+        )  # (n, 4) level-0 (x, y, w, h) of the tissue tiles
+        negatives = boxes[_lesion_free(boxes, lesions), :2]
+        if not lesions and not len(negatives):
+            yield Progress(
+                "prepare", n + 1, len(entries), f"{split}: {entry.slide.name}: no tissue, skipped"
+            )
+            continue
+        out.append(
+            _CropSource(str(entry.slide), entry.label, level, tile_px, lesions, negatives, pieces)
+        )
+        yield Progress(
+            "prepare",
+            n + 1,
+            len(entries),
+            f"{split}: {entry.slide.name}: {len(lesions)} lesion(s), {len(negatives)} "
+            "lesion-free tissue tiles",
+        )
+    return out
+
+
+def _draw_crops(
+    sources: Sequence[_CropSource],
+    settings: SlidingWindowSettings,
+    rng: np.random.Generator,
+    lowest: int,
+    augment: bool,
+) -> list[_Crop]:
+    """One epoch's crops, shuffled: jittered crops around each lesion and negatives."""
+    crops = []
+    for s, src in enumerate(sources):
+        half = src.tile_px / 2
+        for (x, y, w, h), cls in src.lesions:
+            for _ in range(settings.crops_per_lesion):
+                cx, cy = x + rng.uniform(0, w), y + rng.uniform(0, h)
+                crops.append(_Crop(s, round(cx - half), round(cy - half), int(cls)))
+        n = min(settings.negatives_per_slide, len(src.negatives))
+        if n:
+            for i in rng.choice(len(src.negatives), n, replace=False):
+                x, y = src.negatives[i]
+                crops.append(_Crop(s, int(x), int(y), lowest))
+    ordered = [crops[i] for i in rng.permutation(len(crops))]
+    if not augment:
+        return ordered
+    turns = rng.integers(4, size=len(ordered))
+    flips = rng.integers(2, size=len(ordered))
+    return [
+        replace(c, rotations=int(t), flip=bool(f))
+        for c, t, f in zip(ordered, turns, flips, strict=True)
+    ]
+
+
+def _expected_counts(
+    sources: Sequence[_CropSource], settings: SlidingWindowSettings, n_classes: int, lowest: int
+) -> np.ndarray:
+    """(C,) crops per class in every epoch (the draw changes positions, not counts)."""
+    counts = np.zeros(n_classes)
+    for src in sources:
+        for _, cls in src.lesions:
+            counts[cls] += settings.crops_per_lesion
+        counts[lowest] += min(settings.negatives_per_slide, len(src.negatives))
+    return counts
+
+
+class _OpenSlides:
+    """The most recently used slides, open (one reading thread at a time)."""
+
+    def __init__(self, size: int = _OPEN_SLIDES):
+        self.size = size
+        self.slides: OrderedDict[str, Slide] = OrderedDict()
+
+    def get(self, path: str) -> Slide:
+        if path in self.slides:
+            self.slides.move_to_end(path)
+            return self.slides[path]
+        if len(self.slides) >= self.size:
+            _, old = self.slides.popitem(last=False)
+            old.close()
+        slide = self.slides[path] = open_slide(path)
+        return slide
+
+    def close(self) -> None:
+        while self.slides:
+            self.slides.popitem()[1].close()
+
+
+def _read_crops(
+    crops: Sequence[_Crop], sources: Sequence[_CropSource], slides: _OpenSlides
+) -> list[np.ndarray]:
+    out = []
+    for c in crops:
+        src = sources[c.source]
+        pixels = slides.get(src.slide).read_region(src.level, c.x, c.y, src.tile_px, src.tile_px)
+        pixels = np.rot90(pixels[..., :3], c.rotations)
+        out.append(pixels[:, ::-1] if c.flip else pixels)
+    return out
+
+
+def _batches(
+    crops: list[_Crop], sources: Sequence[_CropSource], batch_size: int
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """(tiles, labels) per batch; the next batch is read while the model works on this one.
+
+    A last batch of one crop joins the one before (batch-norm statistics need two).
+    """
+    bounds = [*range(0, len(crops), batch_size), len(crops)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    spans = list(itertools.pairwise(bounds))
+    slides = _OpenSlides()
+
+    def read(span: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
+        part = crops[span[0] : span[1]]
+        return _read_crops(part, sources, slides), np.array([c.label for c in part])
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="crops") as pool:
+            pending = pool.submit(read, spans[0]) if spans else None
+            for i in range(len(spans)):
+                batch = pending.result()
+                pending = pool.submit(read, spans[i + 1]) if i + 1 < len(spans) else None
+                yield batch
+    finally:
+        slides.close()
+
+
+def _prepared(model: CropClassifier, tiles: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """(N, 3, s, s) normalised input; crops of different sizes (slides of other pixel
+    sizes) are resized one by one."""
+    if len({t.shape for t in tiles}) == 1:
+        batch = torch.from_numpy(np.ascontiguousarray(np.stack(tiles)))  # (N, h, w, 3)
+        return model.prepare(batch.to(device))
+    return torch.cat(
+        [model.prepare(torch.from_numpy(np.ascontiguousarray(t))[None].to(device)) for t in tiles]
+    )
+
+
+def _sample_tiles(sources: Sequence[_CropSource], per_slide: int) -> Iterator[np.ndarray]:
+    """Up to ``per_slide`` tissue tiles of each slide, spread over its lesion-free tiles
+    (lesion boxes where it has none)."""
+    for src in sources:
+        if len(src.negatives):
+            n = min(per_slide, len(src.negatives))
+            picks = np.linspace(0, len(src.negatives) - 1, n).round().astype(np.int64)
+            corners = [tuple(src.negatives[i]) for i in picks]
+        else:
+            corners = [(x, y) for (x, y, _, _), _ in src.lesions[:per_slide]]
+        with open_slide(src.slide) as slide:
+            for x, y in corners:
+                pixels = slide.read_region(src.level, int(x), int(y), src.tile_px, src.tile_px)
+                yield pixels[..., :3]
+
+
+def _crop_metrics(
+    model: CropClassifier,
+    crops: list[_Crop],
+    sources: Sequence[_CropSource],
+    classes: tuple[str, ...],
+    *,
+    device: torch.device,
+    amp: bool,
+    batch_size: int,
+) -> Metrics:
+    """Crop-level metrics (validation crops, no augmentation)."""
+    model.eval()
+    autocast = _Autocast(device, amp)
+    truth, probs = [], []
+    with torch.no_grad():
+        for tiles, labels in _batches(crops, sources, batch_size):
+            with autocast():
+                logits = model.classify(_prepared(model, tiles, device))
+            probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+            truth.append(labels)
+    return evaluate(np.concatenate(truth), probabilities=np.concatenate(probs), classes=classes)
+
+
+def train_sliding_window(
+    cohort: Cohort,
+    run_dir: str | os.PathLike,
+    settings: SlidingWindowSettings | None = None,
+    resume: bool = True,
+    *,
+    tissue: TissueParams | None = None,
+) -> Generator[Progress, None, TrainSummary]:
+    """Train the sliding-window crop classifier and tune its aggregation thresholds.
+
+    Args:
+        cohort: slides, labels, splits and lesion boxes (needed for every training and
+            validation slide above the lowest-risk class).
+        run_dir: where checkpoints and logs go.
+        settings: training settings.
+        resume: continue a run found in ``run_dir`` (its settings must match).
+        tissue: tissue detection settings.
+
+    Yields:
+        Progress: "prepare" per slide, "weights", "calibrate", "resume", "step" per
+        optimiser step (data: loss, lr), "epoch" per epoch (data: the log row), "tune"
+        per validation slide and once with the chosen rule (data: the rule), "checkpoint"
+        when the best checkpoint has been re-saved with it.
+
+    Returns:
+        The summary with the paths of the best and last checkpoints.
+
+    Raises:
+        ValueError: a training or validation slide above the lowest-risk class without
+            lesion boxes (the message names it), no training crops, or a run in
+            ``run_dir`` with other settings.
+    """
+    settings = settings or SlidingWindowSettings()
+    run_dir = Path(run_dir)
+    classes = cohort.classes
+    config = settings.model_config(classes)
+    risk = config.risk
+    _check_lesions(cohort, ("train", "val"), risk)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": config.kind,
+        "settings": settings.to_dict(),
+        "classes": list(classes),
+        "cohort": str(cohort.path) if cohort.path else None,
+    }
+    settings_file = run_dir / "settings.json"
+    state_file = run_dir / "training-state.safetensors"
+    last = run_dir / "last.safetensors"
+    resuming = resume and state_file.exists() and settings_file.exists() and last.exists()
+    if resuming:
+        previous = json.loads(settings_file.read_text())
+        if previous.get("settings") != record["settings"] or previous.get("classes") != list(
+            classes
+        ):
+            raise ValueError(
+                f"{run_dir}: holds a run with other settings or classes; resume it with the "
+                "same settings, or choose another --out (or pass --no-resume to start over)"
+            )
+    settings_file.write_text(json.dumps(record, indent=1))
+
+    device = resolve_device(settings.device)
+    amp = settings.amp if settings.amp is not None else device.type == "cuda"
+    torch.manual_seed(settings.seed)
+    lowest = risk[0]
+
+    train = yield from _prepare_sources(cohort, "train", settings, tissue)
+    val = yield from _prepare_sources(cohort, "val", settings, tissue)
+    counts = _expected_counts(train, settings, len(classes), lowest)
+    present = np.nonzero(counts)[0]
+    if counts.sum() < 2 or len(present) < 2:
+        raise ValueError(
+            f"the training split gives crops of class(es) {[classes[c] for c in present]} "
+            "only; the crop classifier needs at least two classes"
+        )
+
+    model = CropClassifier(config)
+    report = None
+    if not resuming:
+        if settings.weights:
+            report = load_weights(model.trunk, settings.weights)
+            yield Progress("weights", 1, 1, report.summary())
+        mean, std = tissue_statistics(_sample_tiles(train, settings.normalise_tiles))
+        model.set_normalisation(mean, std)
+        calibrate = (
+            settings.calibrate_bn if settings.calibrate_bn is not None else not settings.weights
+        )
+        if calibrate and model.config.trainable_blocks < 5:
+            batches = [
+                torch.from_numpy(np.stack(list(_sample_tiles([s], settings.normalise_tiles))))
+                for s in train
+            ]
+            n = model.to(device).calibrate_frozen_batchnorm(batches)
+            yield Progress("calibrate", 1, 1, f"frozen trunk BN statistics from {n} tiles")
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    weights = None
+    if settings.class_weights == "balanced":
+        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(present), 0.0)
+        weights = torch.tensor(w, dtype=torch.float32, device=device)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings.learning_rate(0),
+        weight_decay=settings.weight_decay,
+    )
+    log: list[dict[str, Any]] = []
+    start_epoch = 0
+    best_score = -math.inf
+    if resuming:
+        state = load_training_state(state_file, optimizer)
+        previous = read_checkpoint(last)
+        model.load_state_dict(previous.tensors, strict=True)
+        model.set_normalisation(previous.config["mean"], previous.config["std"])
+        start_epoch = int(state["epoch"]) + 1
+        best_score = float(state.get("best_score", -math.inf))
+        if (run_dir / "log.json").exists():
+            log = [
+                r
+                for r in json.loads((run_dir / "log.json").read_text())
+                if r["epoch"] < start_epoch
+            ]
+        yield Progress(
+            "resume", start_epoch, settings.epochs, f"resuming after epoch {start_epoch}"
+        )
+    # fixed validation crops (no augmentation), the same every epoch
+    val_crops = _draw_crops(
+        val, settings, np.random.default_rng([settings.seed, 1_000_003]), lowest, False
+    )
+    autocast = _Autocast(device, amp)
+    t_start = time.perf_counter()
+    stopped_early = False
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    extra_base: dict[str, Any] = {"cohort": record["cohort"], "settings": settings.to_dict()}
+    if report is not None:
+        extra_base["weights"] = {
+            "path": report.path,
+            "loaded": len(report.loaded),
+            "missing": len(report.missing),
+        }
+
+    for epoch in range(start_epoch, settings.epochs):
+        t_epoch = time.perf_counter()
+        # per-epoch random streams, so a resumed run draws what the uninterrupted one would
+        rng = np.random.default_rng([settings.seed, epoch])
+        torch.manual_seed(settings.seed * 100_003 + epoch)
+        lr = settings.learning_rate(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        crops = _draw_crops(train, settings, rng, lowest, settings.augment)
+        steps = max(1, len(crops) // settings.batch_size + (len(crops) % settings.batch_size > 1))
+        losses, sizes, correct = [], [], 0
+        model.train()
+        for step, (tiles, labels) in enumerate(_batches(crops, train, settings.batch_size)):
+            target = torch.from_numpy(labels).to(device)
+            with autocast():
+                logits = model.classify(_prepared(model, tiles, device))
+            loss = F.cross_entropy(logits.float(), target, weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            sizes.append(len(labels))
+            correct += int((logits.detach().argmax(1) == target).sum())
+            yield Progress(
+                "step",
+                step + 1,
+                steps,
+                f"epoch {epoch + 1}/{settings.epochs} step {step + 1}/{steps} "
+                f"loss {losses[-1]:.3f}",
+                {"epoch": epoch, "loss": losses[-1], "lr": lr},
+            )
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": float(np.average(losses, weights=sizes)),
+            "train_accuracy": correct / len(crops),
+            "crops": len(crops),
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        if val_crops:
+            metrics = _crop_metrics(
+                model,
+                val_crops,
+                val,
+                classes,
+                device=device,
+                amp=amp,
+                batch_size=settings.batch_size,
+            )
+            row.update(
+                {
+                    "val_crop_mean_f1": metrics.mean.f1,
+                    "val_crop_accuracy": metrics.accuracy,
+                    "val_crop_metrics": metrics.to_dict(),
+                }
+            )
+            score = metrics.mean.f1
+        else:
+            score = -row["train_loss"]
+        log.append(row)
+        extra = {
+            **extra_base,
+            "epoch": epoch,
+            "metrics": {k: v for k, v in row.items() if not isinstance(v, dict)},
+        }
+        path = save_checkpoint(
+            run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.safetensors",
+            config.kind,
+            config.to_dict(),
+            model.state_dict(),
+            extra,
+        )
+        _replace_copy(path, last)
+        if score > best_score:
+            best_score = score
+            _replace_copy(path, run_dir / "best.safetensors")
+        save_training_state(state_file, optimizer, {"epoch": epoch, "best_score": best_score})
+        _write_log(run_dir, log)
+        yield Progress(
+            "epoch",
+            epoch + 1,
+            settings.epochs,
+            f"epoch {epoch + 1}: loss {row['train_loss']:.3f}"
+            + (f", val crop mean F1 {row['val_crop_mean_f1']:.2f}" if val_crops else ""),
+            {"row": row, "checkpoint": str(path)},
+        )
+        if settings.max_hours and (time.perf_counter() - t_start) / 3600 > settings.max_hours:
+            stopped_early = True
+            break
+
+    best = run_dir / "best.safetensors"
+    if best.exists():
+        yield from _tune_best(best, val, settings, device, amp, tissue)
+    return TrainSummary(
+        run_dir,
+        best if best.exists() else None,
+        last if last.exists() else None,
+        (log[-1]["epoch"] + 1) if log else start_epoch,
+        log,
+        stopped_early,
+    )
+
+
+def _tune_best(
+    best: Path,
+    val: Sequence[_CropSource],
+    settings: SlidingWindowSettings,
+    device: torch.device,
+    amp: bool,
+    tissue: TissueParams | None,
+) -> Generator[Progress, None, None]:
+    """Choose the aggregation rule on the validation slides; re-save ``best`` with it."""
+    slides = [src for src in val if src.pieces]
+    if not slides:
+        yield Progress(
+            "tune",
+            0,
+            0,
+            "no validation split (or no validation slide with tissue): the aggregation "
+            "thresholds keep their defaults (p >= 0.5 in 1 tile per class)",
+        )
+        return
+    model, checkpoint = load_model(best, device)
+    tiles, labels = [], []
+    for i, src in enumerate(slides):
+        result = run_to_end(
+            predict_slide_sliding_window(
+                model,
+                src.slide,
+                device=device,
+                chunk_tiles=settings.chunk_tiles,
+                tissue=tissue,
+                min_tissue=settings.min_tissue,
+                amp=amp,
+                pieces=src.pieces,
+            )
+        )
+        tiles.append(_tissue_tile_probabilities(result))
+        labels.append(src.label)
+        yield Progress(
+            "tune",
+            i + 1,
+            len(slides),
+            f"validation slide {Path(src.slide).name}: {len(tiles[-1])} tiles",
+        )
+    rule = tune_thresholds(
+        tiles,
+        labels,
+        model.config.classes,
+        model.config.risk,
+        settings.threshold_grid,
+        settings.min_count_grid,
+    )
+    model.set_rule(rule.thresholds, rule.min_counts)
+    save_checkpoint(
+        best,
+        model.config.kind,
+        model.config.to_dict(),
+        checkpoint.tensors,
+        {**checkpoint.extra, "aggregation": rule.to_dict()},
+    )
+    shown = ", ".join(
+        f"{model.config.classes[k]} p>={rule.thresholds[k]:g} x{rule.min_counts[k]}"
+        for k in model.config.risk[1:]
+    )
+    yield Progress(
+        "tune",
+        len(slides),
+        len(slides),
+        f"aggregation rule ({rule.search} search, {rule.combinations} combinations): {shown}; "
+        f"validation slide mean F1 {rule.metrics.mean.f1:.2f}",
+        {"rule": rule.to_dict()},
+    )
+    yield Progress("checkpoint", 1, 1, f"{best}: tuned thresholds saved", {"path": str(best)})
+
+
+def _tissue_tile_probabilities(result: SlideResult) -> np.ndarray:
+    """(N, C) probabilities of a result's tissue tiles, piece by piece, row-major."""
+    parts = [
+        piece.arrays["tile_probabilities"][:, piece.tissue].T  # (n, C)
+        for piece in result.pieces
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, len(result.classes)), np.float32)
+
+
+def tune_thresholds(
+    tile_probabilities: Sequence[np.ndarray],
+    labels: Sequence[int],
+    classes: Sequence[str],
+    risk: Sequence[int],
+    threshold_grid: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+    min_count_grid: Sequence[int] = (1, 2, 3, 5, 8),
+) -> TunedRule:
+    """The per-class thresholds and minimum counts that maximise the slides' mean F1.
+
+    Every class above the lowest risk gets a (threshold, count) pair from the grids. When
+    all combinations number at most 30,000 they are all tried; beyond that (five classes
+    or more with the default grids) the search starts from the best pair shared by all
+    classes and then improves one class at a time, highest risk first, until no change
+    helps (a coordinate-wise grid search). Mean F1 (``train.metrics.evaluate``) decides,
+    then multiclass accuracy; remaining ties go to the first combination in grid order
+    (lower thresholds and counts first).
+
+    Args:
+        tile_probabilities: per slide, (N, C) probabilities of its tissue tiles.
+        labels: the slides' class indices.
+        classes: class names.
+        risk: class indices from lowest to highest risk.
+        threshold_grid: thresholds to try.
+        min_count_grid: minimum counts to try.
+
+    Returns:
+        The chosen rule (the lowest-risk class keeps threshold 0.5 and count 1, unused).
+    """
+    classes = tuple(classes)
+    n_classes = len(classes)
+    if not tile_probabilities or len(tile_probabilities) != len(labels):
+        raise ValueError("need the tile probabilities and the label of at least one slide")
+    grid_t = np.array(sorted({float(t) for t in threshold_grid}))
+    grid_m = sorted({int(m) for m in min_count_grid})
+    risk = [int(r) for r in risk]
+    lowest, ranked = risk[0], risk[1:]
+    # hits[s, k, t]: tiles of slide s with p_k >= grid_t[t]
+    hits = np.zeros((len(labels), n_classes, len(grid_t)), dtype=np.int64)
+    for s, probs in enumerate(tile_probabilities):
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1, n_classes)  # (N, C)
+        hits[s] = (probs[:, :, None] >= grid_t[None, None, :]).sum(0)
+    truth = np.asarray(labels, dtype=np.int64)
+    options = [(t, m) for t in range(len(grid_t)) for m in grid_m]
+    scores: dict[bytes, tuple[tuple[float, float], Metrics]] = {}
+
+    def score(choice: Sequence[tuple[int, int]]) -> tuple[tuple[float, float], Metrics]:
+        predicted = np.full(len(truth), lowest, dtype=np.int64)
+        for k, (t, m) in zip(ranked, choice, strict=True):  # low to high: highest risk wins
+            predicted[hits[:, k, t] >= m] = k
+        key = predicted.tobytes()
+        if key not in scores:  # many combinations give the same calls
+            metrics = evaluate(truth, predicted, classes=classes)
+            scores[key] = ((metrics.mean.f1, metrics.accuracy), metrics)
+        return scores[key]
+
+    tried = 0
+    best_choice: list[tuple[int, int]] | None = None
+    best_key: tuple[float, float] = (-1.0, -1.0)
+    best_metrics: Metrics | None = None
+
+    def consider(choice: Sequence[tuple[int, int]]) -> bool:
+        nonlocal tried, best_choice, best_key, best_metrics
+        tried += 1
+        key, metrics = score(choice)
+        if key > best_key:
+            best_choice, best_key, best_metrics = list(choice), key, metrics
+            return True
+        return False
+
+    if len(options) ** len(ranked) <= _MAX_EXHAUSTIVE:
+        search = "exhaustive"
+        for choice in itertools.product(options, repeat=len(ranked)):
+            consider(choice)
+    else:
+        search = "coordinate"
+        for option in options:
+            consider([option] * len(ranked))
+        improved = True
+        while improved:
+            improved = False
+            for j in reversed(range(len(ranked))):
+                for option in options:
+                    choice = list(best_choice)
+                    choice[j] = option
+                    improved |= consider(choice)
+    thresholds = [0.5] * n_classes
+    min_counts = [1] * n_classes
+    for k, (t, m) in zip(ranked, best_choice, strict=True):
+        thresholds[k], min_counts[k] = float(grid_t[t]), int(m)
+    return TunedRule(tuple(thresholds), tuple(min_counts), best_metrics, tried, search)
+
+
+def predict_slide_sliding_window(
+    model: CropClassifier | str | os.PathLike,
+    slide: Slide | str | os.PathLike,
+    *,
+    device: str | torch.device | None = "auto",
+    chunk_tiles: int = 64,
+    tissue: TissueParams | None = None,
+    min_tissue: float = 0.5,
+    amp: bool | None = None,
+    mpp: float | None = None,
+    pieces: Sequence[PieceSample] | None = None,
+) -> Generator[Progress, None, SlideResult]:
+    """Run the sliding-window baseline on a slide, piece by piece.
+
+    Every tissue tile of each piece (on the slide-wide tile grid, as the grid-attention
+    model's) is classified; ``aggregate_tiles`` with the model's thresholds turns a
+    piece's tiles into the piece's call, and all tiles of the slide into the slide's.
+
+    Args:
+        model: a ``CropClassifier`` (or a checkpoint path to load one from).
+        slide: an opened slide or its path.
+        device: "auto", "cpu", "cuda", ...
+        chunk_tiles: tiles per forward pass.
+        tissue: tissue detection settings.
+        min_tissue: tissue fraction a tile needs to be classified.
+        amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = where it is native.
+        mpp: pixel size override for slides without one.
+        pieces: the samples to run (default: all tissue pieces of the slide).
+
+    Yields:
+        Progress events: "tissue", then one "piece" per piece (data: "piece" holds the
+        PieceResult, whose ``arrays["tile_probabilities"]`` is (C, H', W') float32, NaN
+        off tissue, and whose ``info["call"]`` is the rule's class index).
+
+    Returns:
+        The slide's result (aggregation "thresholds").
+    """
+    start = time.perf_counter()
+    timings = {"tissue": 0.0, "read_and_model": 0.0}
+    device = resolve_device(device)
+    checkpoint_path = None
+    if not isinstance(model, torch.nn.Module):
+        checkpoint_path = str(model)
+        model, _ = load_model(model, device)
+    if not isinstance(model, CropClassifier):
+        raise TypeError(
+            f"predict_slide_sliding_window runs sliding-window models, got {type(model).__name__}"
+        )
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    use_amp = default_amp(device) if amp is None else amp
+    config = model.config
+    n_classes = len(config.classes)
+    own = not isinstance(slide, Slide)
+    if own:
+        slide = open_slide(slide, mpp=mpp)
+    try:
+        tile_px = tile_edge_px(slide, config.crop_um)
+        level = read_level_for(slide, tile_px, config.input_px)
+        yield Progress("tissue", 0, 1, f"finding tissue in {Path(slide.path).name}")
+        t0 = time.perf_counter()
+        if pieces is None:
+            mask = tissue_mask(slide, tissue)
+            pieces = slide_pieces(slide, tile_px, min_tissue=min_tissue, mask=mask)
+        timings["tissue"] = time.perf_counter() - t0
+        if not pieces:
+            raise ValueError(f"{slide.path}: no tissue found (no piece has a tissue tile)")
+        n_tiles = sum(p.n_tiles for p in pieces)
+        yield Progress(
+            "tissue",
+            1,
+            1,
+            f"{len(pieces)} tissue piece(s), {n_tiles} tiles",
+            {"pieces": len(pieces), "tiles": n_tiles},
+        )
+        results: list[PieceResult] = []
+        every_tile: list[np.ndarray] = []
+        done_tiles = 0
+        for i, sample in enumerate(pieces):
+            t0 = time.perf_counter()
+            chunks, cells, shape = tile_chunks(slide, sample, level, chunk_tiles=chunk_tiles)
+            probs = model.predict_chunks(chunks(), device=device, amp=use_amp).numpy()  # (N, C)
+            grid = np.full((n_classes, shape[0] * shape[1]), np.nan, dtype=np.float32)
+            grid[:, cells.numpy()] = probs.T
+            grid = grid.reshape(n_classes, *shape)  # (C, H', W')
+            piece_probs, call = aggregate_tiles(
+                probs, config.thresholds, config.min_counts, config.risk
+            )
+            piece = PieceResult(
+                index=int(sample.piece),
+                box=tuple(int(v) for v in sample.box),
+                probabilities=piece_probs,
+                grid_origin=tuple(int(v) for v in sample.grid.origin),
+                tile_size=int(sample.grid.tile_size),
+                level=int(level),
+                tissue=np.asarray(sample.grid.in_tissue, dtype=bool),
+                arrays={"tile_probabilities": grid},
+                info={
+                    "tiles": int(sample.n_tiles),
+                    "seconds": time.perf_counter() - t0,
+                    "call": int(call),
+                    "tiles_over_threshold": _over_threshold(probs, config),
+                },
+            )
+            timings["read_and_model"] += time.perf_counter() - t0
+            results.append(piece)
+            every_tile.append(probs)
+            done_tiles += sample.n_tiles
+            yield Progress(
+                "piece",
+                i + 1,
+                len(pieces),
+                f"piece {sample.piece}: {config.classes[call]} ({piece_probs[call]:.0%}), "
+                f"{sample.n_tiles} tiles",
+                {"piece": piece, "tiles_done": done_tiles, "tiles": n_tiles},
+            )
+        tiles = np.concatenate(every_tile)  # (N, C) over the whole slide
+        probabilities, predicted = aggregate_tiles(
+            tiles, config.thresholds, config.min_counts, config.risk
+        )
+        timings["total"] = time.perf_counter() - start
+        info: dict[str, Any] = {
+            "device": str(device),
+            "amp": bool(use_amp),
+            "tiles": int(n_tiles),
+            "tile_px": int(tile_px),
+            "tiles_per_second": n_tiles / max(timings["read_and_model"], 1e-9),
+            "tiles_over_threshold": _over_threshold(tiles, config),
+        }
+        return SlideResult(
+            slide=str(slide.path),
+            model_kind=config.kind,
+            classes=config.classes,
+            probabilities=probabilities,
+            predicted=predicted,
+            aggregation="thresholds",
+            pieces=results,
+            timings=timings,
+            model={"checkpoint": checkpoint_path, "config": config.to_dict()},
+            slide_info={
+                "mpp": list(slide.mpp) if slide.mpp else None,
+                "dimensions": list(slide.dimensions),
+                "vendor": slide.vendor,
+                "read_level": int(level),
+            },
+            info=info,
+        )
+    finally:
+        if own:
+            slide.close()
+
+
+def _over_threshold(probs: np.ndarray, config: SlidingWindowConfig) -> dict[str, int]:
+    """Per class above the lowest risk: tiles with p_k at or above its threshold."""
+    return {
+        config.classes[k]: int(np.count_nonzero(probs[:, k] >= config.thresholds[k]))
+        for k in config.risk[1:]
+    }
