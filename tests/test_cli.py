@@ -107,3 +107,97 @@ def test_synth_rejects_an_unknown_label(tmp_path, capsys):
         main(["synth", str(tmp_path / "x.tif"), "--size", "1024", "1024", "--label", "banana"]) == 1
     )
     assert "banana" in capsys.readouterr().err
+
+
+# -- models -------------------------------------------------------------------------------
+def test_cli_predict_and_evaluate(tiny_cohort, tiny_grid_model, tmp_path, capsys):
+    from napari_slide_attention.cli import main
+    from napari_slide_attention.results import SlideResult
+
+    slide = tiny_cohort.split("test")[0].slide
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tiny_grid_model),
+                "--slide",
+                str(slide),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    result = SlideResult.load(out)
+    assert result.predicted_class in printed and "saved:" in printed
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_grid_model),
+                "--cohort",
+                str(tiny_cohort.path),
+                "--split",
+                "val",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    ((name, model),) = report["models"].items()
+    assert name.startswith("grid-attention") and len(model["slides"]) == 4
+    assert set(model["metrics"]["per_class"]) == set(tiny_cohort.classes)
+
+
+def test_cli_model_errors_are_one_line(tmp_path, capsys, tiny_cohort):
+    from napari_slide_attention.cli import main
+
+    missing = tmp_path / "none.safetensors"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(missing),
+                "--slide",
+                str(tiny_cohort.entries[0].slide),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("slide-attention: error:") and str(missing) in err
+    assert (
+        main(["train", "grid", "--cohort", str(tmp_path / "no.csv"), "--out", str(tmp_path / "r")])
+        == 1
+    )
+    assert "no such cohort file" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "grid",
+                "--cohort",
+                str(tiny_cohort.path),
+                "--out",
+                str(tmp_path / "r"),
+                "--set",
+                "colour=red",
+            ]
+        )
+        == 1
+    )
+    assert "unknown setting" in capsys.readouterr().err

@@ -172,8 +172,9 @@ def predict_slide(
             probs = torch.softmax(out.logits.float(), 0).cpu().numpy()
             arrays = {}
             if not config.hidden:
-                u, _ = cells_to_grid(out.features, cells.to(out.features.device), shape)
-                contributions = model.map_contributions(u, out.maps[None].float())[0]
+                with torch.no_grad():
+                    u, _ = cells_to_grid(out.features, cells.to(out.features.device), shape)
+                    contributions = model.map_contributions(u, out.maps[None].float())[0]
                 arrays["map_contributions"] = contributions.float().cpu().numpy()  # (C, m)
             scores = out.scores.float().cpu().numpy()
             scores[~np.isfinite(scores)] = np.nan
