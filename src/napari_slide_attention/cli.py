@@ -227,6 +227,8 @@ def _settings(cls, args: argparse.Namespace):
 
     known = {f.name for f in fields(cls)}
     values = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k, None) is not None}
+    if "crop_um" in known and "tile_um" in values:  # the crop classifier's tile edge
+        values["crop_um"] = values.pop("tile_um")
     values = {k: v for k, v in values.items() if k in known}
     if getattr(args, "amp", None):
         values["amp"] = True
@@ -285,7 +287,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train.sliding_window import SlidingWindowSettings, train_sliding_window
 
         settings = _settings(SlidingWindowSettings, args)
-        work = train_sliding_window(cohort, args.out, settings, resume=not args.no_resume)
+        work = train_sliding_window(
+            cohort, args.out, settings, resume=not args.no_resume, tissue=tissue
+        )
     summary = run_to_end(work, printer)
     print(f"best: {summary.best}\nlast: {summary.last}\nlog: {Path(args.out) / 'log.csv'}")
     return 0
@@ -447,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--samples-per-step", type=int, help="grid: pieces per optimiser step")
     train.add_argument("--batch-size", type=int, help="sliding window: crops per step")
     train.add_argument("--n-maps", type=int, help="grid: attention maps (64)")
-    train.add_argument("--tile-um", type=float, help="grid: tile edge in µm (246)")
+    train.add_argument("--tile-um", type=float, help="tile (crop) edge in µm (246)")
     train.add_argument("--input-px", type=int, help="tile edge fed to the network (224)")
     train.add_argument("--chunk-tiles", type=int, help="tiles per forward chunk")
     train.add_argument("--trainable-blocks", type=int, help="trunk stages that train")
