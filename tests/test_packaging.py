@@ -128,7 +128,9 @@ def test_importing_the_package_and_reader_loads_no_gui_or_torch():
     code = (
         "import sys, napari_slide_attention, napari_slide_attention.slide.reader,"
         " napari_slide_attention.slide.tissue, napari_slide_attention.slide.stream,"
-        " napari_slide_attention.cli;"
+        " napari_slide_attention.cli, napari_slide_attention.results,"
+        " napari_slide_attention.progress, napari_slide_attention.train.cohort,"
+        " napari_slide_attention.train.metrics;"
         "bad = {'torch', 'napari', 'qtpy', 'PyQt5', 'PyQt6', 'vispy'} & set(sys.modules);"
         "print(sorted(bad))"
     )

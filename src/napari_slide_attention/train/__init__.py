@@ -1,1 +1,1 @@
-"""Training and evaluation: metrics of slide classifiers."""
+"""Training and evaluation: cohorts, samples, training loops, metrics (no Qt)."""
