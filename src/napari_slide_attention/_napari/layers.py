@@ -121,7 +121,7 @@ def attention_layer_data(
         "axis_labels": ("map", "y", "x"),
         "colormap": "inferno",
         "opacity": 0.55,
-        "blending": "translucent",
+        "blending": "additive",  # cells with no attention (0 = black) leave the slide as is
         "contrast_limits": (0.0, 1.0),
         "metadata": {
             "map_order": order.tolist(),
