@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .preact_resnet import PreActResNet, preact_resnet18
+from .tile_network import Autocast, TileNetwork, model_device
+
+# older names, used by the training modules
+_Autocast = Autocast
+_model_device = model_device
 
 __all__ = [
     "GridAttention",
@@ -168,7 +172,7 @@ def cells_to_grid(
     return u, tissue.reshape(1, height, width)
 
 
-class GridAttention(nn.Module):
+class GridAttention(TileNetwork):
     """Tomita et al.'s grid-attention classifier: trunk, m attention maps, classifier.
 
     Args:
@@ -176,9 +180,7 @@ class GridAttention(nn.Module):
     """
 
     def __init__(self, config: GridAttentionConfig):
-        super().__init__()
-        self.config = config
-        self.trunk: PreActResNet = preact_resnet18()
+        super().__init__(config)
         n_features = self.trunk.n_features
         self.attention = nn.Conv2d(
             n_features, config.n_maps, config.kernel, padding=config.kernel // 2
@@ -191,10 +193,7 @@ class GridAttention(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, len(config.classes)))
         self.classifier = nn.Sequential(*layers)
-        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1))
-        self.reset_head()
-        self._apply_freezing()
+        self._finish_init()
 
     # -- set-up --------------------------------------------------------------------------
     def reset_head(self) -> None:
@@ -206,77 +205,6 @@ class GridAttention(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    @property
-    def frozen_stages(self) -> list[nn.Module]:
-        """Trunk stages that never train (run without autograd, BN in eval mode)."""
-        stages = [stage for _, stage in self.trunk.stages()]
-        return stages[: len(stages) - self.config.trainable_blocks]
-
-    @property
-    def trainable_stages(self) -> list[nn.Module]:
-        """Trunk stages that train."""
-        stages = [stage for _, stage in self.trunk.stages()]
-        return stages[len(stages) - self.config.trainable_blocks :]
-
-    def _apply_freezing(self) -> None:
-        for stage in self.frozen_stages:
-            for p in stage.parameters():
-                p.requires_grad_(False)
-        if self.config.trainable_blocks == 0:
-            for p in self.trunk.final_bn.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> GridAttention:
-        """Train mode for the trainable parts; frozen stages always use running statistics."""
-        super().train(mode)
-        for stage in self.frozen_stages:
-            stage.eval()
-        if self.config.trainable_blocks == 0:
-            self.trunk.final_bn.eval()
-        return self
-
-    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Use these per-channel statistics (pixels in [0, 1]) from now on."""
-        self.config.mean = tuple(float(v) for v in mean)
-        self.config.std = tuple(float(v) for v in std)
-        self.mean.copy_(torch.tensor(self.config.mean).view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor(self.config.std).view(1, 3, 1, 1))
-
-    # -- tiles -> features ---------------------------------------------------------------
-    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, h, w, 3) uint8 or (N, 3, h, w) float tiles -> normalised (N, 3, s, s) input.
-
-        uint8 tiles are scaled to [0, 1]; tiles not ``input_px`` square are resized with
-        antialiasing.
-        """
-        if tiles.dtype == torch.uint8:
-            if tiles.shape[-1] == 3:
-                tiles = tiles.permute(0, 3, 1, 2)  # (N, 3, h, w)
-            tiles = tiles.float().div_(255.0)
-        size = self.config.input_px
-        if tuple(tiles.shape[-2:]) != (size, size):
-            tiles = F.interpolate(
-                tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        return (tiles - self.mean) / self.std
-
-    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen stages' output for prepared tiles (no autograd)."""
-        with torch.no_grad():
-            for stage in self.frozen_stages:
-                x = stage(x)
-        return x
-
-    def trainable_features(self, h: torch.Tensor) -> torch.Tensor:
-        """The trainable stages and pooling: frozen output -> (N, 512) features."""
-        for stage in self.trainable_stages:
-            h = stage(h)
-        return self.trunk.head_features(h)
-
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, 512) features of raw tiles (uint8 NHWC or float NCHW)."""
-        return self.trainable_features(self.frozen_features(self.prepare(tiles)))
 
     # -- grid -> classes -----------------------------------------------------------------
     def attend(self, u: torch.Tensor, tissue: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -335,14 +263,11 @@ class GridAttention(nn.Module):
 
     # -- chunked passes ------------------------------------------------------------------
     def _embed_chunks(
-        self, chunks: Iterable[torch.Tensor], device: torch.device, autocast: _Autocast
+        self, chunks: Iterable[torch.Tensor], device: torch.device, autocast: Autocast
     ) -> Iterator[torch.Tensor]:
         for tiles in chunks:
-            tiles = tiles.to(device, non_blocking=True)
             with autocast():
-                x = self.prepare(tiles)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = self.prepare_on(tiles, device)
                 features = self.trainable_features(self.frozen_features(x))
             yield features.float()
 
@@ -365,8 +290,8 @@ class GridAttention(nn.Module):
             device: where to compute (default: where the model is).
             amp: autocast (fp16 on CUDA, bf16 on CPUs that support it); None = on CUDA only.
         """
-        device = torch.device(device) if device is not None else _model_device(self)
-        autocast = _Autocast(device, amp)
+        device = torch.device(device) if device is not None else model_device(self)
+        autocast = Autocast(device, amp)
         features = torch.cat(list(self._embed_chunks(chunks, device, autocast)))
         u, tissue = cells_to_grid(features, cells.to(device), grid_shape)
         logits, maps, scores = self.attend(u, tissue)
@@ -404,20 +329,16 @@ class GridAttention(nn.Module):
             cache_bytes: keep the frozen stages' output of pass 1 for pass 2 while it
                 fits in this many bytes (saves recomputing and re-reading; 0 = never).
         """
-        device = torch.device(device) if device is not None else _model_device(self)
-        autocast = _Autocast(device, amp)
+        device = torch.device(device) if device is not None else model_device(self)
+        autocast = Autocast(device, amp)
         trainable = self.config.trainable_blocks > 0
         cache: list[torch.Tensor] | None = [] if (trainable and cache_bytes > 0) else None
         cached = 0
         parts = []
         with torch.no_grad():
             for tiles in chunks():
-                tiles = tiles.to(device, non_blocking=True)
                 with autocast():
-                    x = self.prepare(tiles)
-                    if device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    h = self.frozen_features(x)
+                    h = self.frozen_features(self.prepare_on(tiles, device))
                     parts.append(self.trainable_features(h).float())
                 if cache is not None:
                     cached += h.numel() * h.element_size()
@@ -458,64 +379,8 @@ class GridAttention(nn.Module):
         self, chunks: Callable[[], Iterable[torch.Tensor]], device: torch.device, autocast
     ) -> Iterator[torch.Tensor]:
         for tiles in chunks():
-            tiles = tiles.to(device, non_blocking=True)
             with autocast():
-                x = self.prepare(tiles)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield self.frozen_features(x)
-
-    # -- bookkeeping ---------------------------------------------------------------------
-    def calibrate_frozen_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
-        """Estimate the frozen stages' BN statistics from tiles (for an untrained trunk).
-
-        A frozen trunk that was never trained has BN running statistics of 0 and 1,
-        which do not match its activations; with no pretrained weights, set them from
-        cohort tiles once before training. Returns the number of tiles used.
-        """
-        bns = [m for s in self.frozen_stages for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
-        saved = [(m, m.momentum) for m in bns]
-        count = 0
-        device = _model_device(self)
-        try:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batches
-                m.train()
-            with torch.no_grad():
-                for tiles in batches:
-                    x = self.prepare(tiles.to(device))
-                    for stage in self.frozen_stages:
-                        x = stage(x)
-                    count += tiles.shape[0]
-        finally:
-            for m, momentum in saved:
-                m.momentum = momentum
-            self.train(self.training)
-        return count
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The parameters that train, as one optimiser group."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-
-class _Autocast:
-    """Mixed precision where it helps: fp16 on CUDA, bf16 on CPUs with native support."""
-
-    def __init__(self, device: torch.device, amp: bool | None):
-        if amp is None:
-            amp = device.type == "cuda"
-        self.enabled = bool(amp)
-        if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.bfloat16
-        self.device_type = device.type
-
-    def __call__(self):
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+                yield self.frozen_features(self.prepare_on(tiles, device))
 
 
 @contextlib.contextmanager
@@ -531,10 +396,6 @@ def _frozen_batchnorm_stats(modules: Sequence[nn.Module]):
     finally:
         for m, momentum in saved:
             m.momentum = momentum
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def grid_shape_for(height: int, width: int, tile: int) -> tuple[int, int]:

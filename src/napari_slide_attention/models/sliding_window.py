@@ -19,11 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .grid_attention import _Autocast, _model_device
-from .preact_resnet import PreActResNet, preact_resnet18
+from .tile_network import Autocast, TileNetwork, model_device
 
 __all__ = ["MODEL_KIND", "CropClassifier", "SlidingWindowConfig", "aggregate_tiles"]
 
@@ -180,7 +178,7 @@ def _renormalised(p: np.ndarray) -> np.ndarray:
     return (p / total if total > 0 else np.full_like(p, 1.0 / p.size)).astype(np.float32)
 
 
-class CropClassifier(nn.Module):
+class CropClassifier(TileNetwork):
     """The sliding-window baseline's crop classifier: ResNet-18 trunk, dropout, linear.
 
     Args:
@@ -188,57 +186,16 @@ class CropClassifier(nn.Module):
     """
 
     def __init__(self, config: SlidingWindowConfig):
-        super().__init__()
-        self.config = config
-        self.trunk: PreActResNet = preact_resnet18()
+        super().__init__(config)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(self.trunk.n_features, len(config.classes))
-        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1))
-        self.reset_head()
-        self._apply_freezing()
+        self._finish_init()
 
     # -- set-up --------------------------------------------------------------------------
     def reset_head(self) -> None:
         """Glorot initialisation of the classifier, zero bias (the trunk is He-initialised)."""
         nn.init.xavier_uniform_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-
-    @property
-    def frozen_stages(self) -> list[nn.Module]:
-        """Trunk stages that never train (run without autograd, BN in eval mode)."""
-        stages = [stage for _, stage in self.trunk.stages()]
-        return stages[: len(stages) - self.config.trainable_blocks]
-
-    @property
-    def trainable_stages(self) -> list[nn.Module]:
-        """Trunk stages that train."""
-        stages = [stage for _, stage in self.trunk.stages()]
-        return stages[len(stages) - self.config.trainable_blocks :]
-
-    def _apply_freezing(self) -> None:
-        for stage in self.frozen_stages:
-            for p in stage.parameters():
-                p.requires_grad_(False)
-        if self.config.trainable_blocks == 0:
-            for p in self.trunk.final_bn.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> CropClassifier:
-        """Train mode for the trainable parts; frozen stages always use running statistics."""
-        super().train(mode)
-        for stage in self.frozen_stages:
-            stage.eval()
-        if self.config.trainable_blocks == 0:
-            self.trunk.final_bn.eval()
-        return self
-
-    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Use these per-channel statistics (pixels in [0, 1]) from now on."""
-        self.config.mean = tuple(float(v) for v in mean)
-        self.config.std = tuple(float(v) for v in std)
-        self.mean.copy_(torch.tensor(self.config.mean).view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor(self.config.std).view(1, 3, 1, 1))
 
     def set_rule(self, thresholds: Sequence[float], min_counts: Sequence[int]) -> None:
         """Use these per-class thresholds and minimum tile counts in ``aggregate_tiles``."""
@@ -248,31 +205,9 @@ class CropClassifier(nn.Module):
         self.config.thresholds, self.config.min_counts = thresholds, min_counts
 
     # -- crops -> classes ----------------------------------------------------------------
-    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, h, w, 3) uint8 or (N, 3, h, w) float tiles -> normalised (N, 3, s, s) input.
-
-        uint8 tiles are scaled to [0, 1]; tiles not ``input_px`` square are resized with
-        antialiasing.
-        """
-        if tiles.dtype == torch.uint8:
-            if tiles.shape[-1] == 3:
-                tiles = tiles.permute(0, 3, 1, 2)  # (N, 3, h, w)
-            tiles = tiles.float().div_(255.0)
-        size = self.config.input_px
-        if tuple(tiles.shape[-2:]) != (size, size):
-            tiles = F.interpolate(
-                tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        return (tiles - self.mean) / self.std
-
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) logits of prepared input (``prepare``'s output)."""
-        with torch.no_grad():  # frozen stages need no autograd
-            for stage in self.frozen_stages:
-                x = stage(x)
-        for stage in self.trainable_stages:
-            x = stage(x)
-        features = self.trunk.head_features(x)  # (N, 512)
+        features = self.trainable_features(self.frozen_features(x))  # (N, 512)
         return self.classifier(self.dropout(features))
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -294,58 +229,16 @@ class CropClassifier(nn.Module):
             device: where to compute (default: where the model is).
             amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = on CUDA only.
         """
-        device = torch.device(device) if device is not None else _model_device(self)
-        autocast = _Autocast(device, amp)
+        device = torch.device(device) if device is not None else model_device(self)
+        autocast = Autocast(device, amp)
         parts = []
         for tiles in chunks:
-            tiles = tiles.to(device, non_blocking=True)
             with autocast():
-                x = self.prepare(tiles)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                logits = self.classify(x)
+                logits = self.classify(self.prepare_on(tiles, device))
             parts.append(torch.softmax(logits.float(), 1).cpu())
         if not parts:
             return torch.zeros(0, len(self.config.classes))
         return torch.cat(parts)
-
-    # -- bookkeeping ---------------------------------------------------------------------
-    def calibrate_frozen_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
-        """Estimate the frozen stages' BN statistics from tiles (for an untrained trunk).
-
-        As ``GridAttention.calibrate_frozen_batchnorm``: a frozen, never-trained trunk has
-        BN running statistics of 0 and 1, which do not match its activations. Returns the
-        number of tiles used (0 when no stage is frozen: trained BN layers need no help).
-        """
-        frozen = list(self.frozen_stages)
-        if self.config.trainable_blocks == 0:
-            frozen.append(self.trunk.final_bn)
-        bns = [m for s in frozen for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not bns:
-            return 0
-        saved = [(m, m.momentum) for m in bns]
-        count = 0
-        device = _model_device(self)
-        try:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batches
-                m.train()
-            with torch.no_grad():
-                for tiles in batches:
-                    x = self.prepare(tiles.to(device))
-                    for stage in frozen:
-                        x = stage(x)
-                    count += tiles.shape[0]
-        finally:
-            for m, momentum in saved:
-                m.momentum = momentum
-            self.train(self.training)
-        return count
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The parameters that train, as one optimiser group."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
 
 def _register() -> None:
