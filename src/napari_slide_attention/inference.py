@@ -5,14 +5,17 @@ One code path for the CLI (progress bar), the GUI (thread worker) and tests
 in chunks at the level closest to the model's input resolution while the model works
 on the previous chunk; the pieces' results come out one by one (in the ``piece``
 events' data, so a viewer can draw them as they arrive) and are aggregated into the
-slide's call.
+slide's call. ``load_for_inference`` and ``predict_pieces`` do all of that but the
+model's own work on a piece and the aggregation, for ``predict_slide`` and the
+sliding-window baseline's ``predict_slide_sliding_window`` alike.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,28 +127,169 @@ def predict_slide(
     Returns:
         The slide's result.
     """
-    from .models.checkpoint import load_model
     from .models.grid_attention import GridAttention, cells_to_grid
 
+    run = load_for_inference(
+        model, device, amp, GridAttention, "predict_slide runs grid-attention models"
+    )
+    model, config = run.model, run.model.config
+
+    def run_piece(
+        sample: PieceSample,
+        chunks: Callable[[], Iterator[torch.Tensor]],
+        cells: torch.Tensor,
+        shape: tuple[int, int],
+    ) -> tuple[dict[str, Any], int]:
+        """A piece's probabilities, attention maps and scores (and map contributions)."""
+        out = model.predict_chunks(chunks(), cells, shape, device=run.device, amp=run.amp)
+        probs = torch.softmax(out.logits.float(), 0).cpu().numpy()
+        arrays = {}
+        if not config.hidden:
+            with torch.no_grad():
+                u, _ = cells_to_grid(out.features, cells.to(out.features.device), shape)
+                contributions = model.map_contributions(u, out.maps[None].float())[0]
+            arrays["map_contributions"] = contributions.float().cpu().numpy()  # (C, m)
+        scores = out.scores.float().cpu().numpy()
+        scores[~np.isfinite(scores)] = np.nan
+        fields = {
+            "probabilities": probs,
+            "maps": out.maps.float().cpu().numpy(),
+            "scores": scores,
+            "arrays": arrays,
+        }
+        return fields, int(np.argmax(probs))
+
+    def finish(results: list[PieceResult]) -> tuple[np.ndarray, int, str, dict[str, Any]]:
+        """The pieces' probabilities aggregated by ``aggregation``."""
+        probabilities, predicted = aggregate(
+            [p.probabilities for p in results], aggregation, config.risk
+        )
+        return probabilities, predicted, aggregation, {}
+
+    return (
+        yield from predict_pieces(
+            run,
+            slide,
+            config.tile_um,
+            run_piece,
+            finish,
+            chunk_tiles=chunk_tiles,
+            tissue=tissue,
+            min_tissue=min_tissue,
+            mpp=mpp,
+            pieces=pieces,
+        )
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run on slides (``load_for_inference``).
+
+    Attributes:
+        model: the model, in eval mode on ``device``.
+        device: where it runs.
+        amp: whether it runs under autocast.
+        checkpoint: the checkpoint it was loaded from (None when given as a model).
+        start: ``time.perf_counter()`` when loading began (the run's total time counts
+            from there).
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    amp: bool
+    checkpoint: str | None
+    start: float
+
+
+def load_for_inference(
+    model: torch.nn.Module | str | os.PathLike,
+    device: str | torch.device | None,
+    amp: bool | None,
+    kind: type[torch.nn.Module],
+    refusal: str,
+) -> LoadedModel:
+    """A model (or the one in a checkpoint) in eval mode on its device, channels-last on
+    CUDA, with the autocast choice.
+
+    Args:
+        model: a model, or a checkpoint path to load one from.
+        device: "auto", "cpu", "cuda", ... (see ``resolve_device``).
+        amp: autocast; None = where it is native (``default_amp``).
+        kind: the model class the caller runs.
+        refusal: the start of the ``TypeError`` message for a model of another class.
+
+    Raises:
+        TypeError: the model is not a ``kind``.
+    """
+    from .models.checkpoint import load_model
+
     start = time.perf_counter()
-    timings = {"tissue": 0.0, "read_and_model": 0.0}
     device = resolve_device(device)
     checkpoint_path = None
     if not isinstance(model, torch.nn.Module):
         checkpoint_path = str(model)
         model, _ = load_model(model, device)
-    if not isinstance(model, GridAttention):
-        raise TypeError(f"predict_slide runs grid-attention models, got {type(model).__name__}")
+    if not isinstance(model, kind):
+        raise TypeError(f"{refusal}, got {type(model).__name__}")
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     use_amp = default_amp(device) if amp is None else amp
-    config = model.config
+    return LoadedModel(model, device, use_amp, checkpoint_path, start)
+
+
+RunPiece = Callable[
+    [PieceSample, Callable[[], Iterator[torch.Tensor]], torch.Tensor, tuple[int, int]],
+    tuple[dict[str, Any], int],
+]
+Finish = Callable[[list[PieceResult]], tuple[np.ndarray, int, str, dict[str, Any]]]
+
+
+def predict_pieces(
+    run: LoadedModel,
+    slide: Slide | str | os.PathLike,
+    tile_um: float,
+    run_piece: RunPiece,
+    finish: Finish,
+    *,
+    chunk_tiles: int = 64,
+    tissue: TissueParams | None = None,
+    min_tissue: float = 0.5,
+    mpp: float | None = None,
+    pieces: Sequence[PieceSample] | None = None,
+) -> Generator[Progress, None, SlideResult]:
+    """What every model's slide inference shares: opening the slide, finding its tissue
+    pieces, reading each piece's tiles, progress, and assembling the ``SlideResult``.
+
+    Args:
+        run: the model ready to run (its ``config`` has ``classes``, ``kind``,
+            ``input_px`` and ``to_dict``).
+        slide: an opened slide or its path (a path is opened here and closed at the end).
+        tile_um: the model's tile edge in micrometres.
+        run_piece: (sample, chunks, cells, shape) as ``tile_chunks`` gives them -> the
+            ``PieceResult`` fields the model decides (probabilities, and maps, scores,
+            arrays, info as it has them) and the piece's class index.
+        finish: the pieces' results -> the slide's probabilities, class index,
+            aggregation name and extra ``info`` entries.
+        chunk_tiles, tissue, min_tissue, mpp, pieces: as ``predict_slide`` takes them.
+
+    Yields:
+        Progress events, as ``predict_slide``'s.
+
+    Returns:
+        The slide's ``SlideResult``.
+
+    Raises:
+        ValueError: no piece of the slide has a tissue tile.
+    """
+    config = run.model.config
+    timings = {"tissue": 0.0, "read_and_model": 0.0}
     own = not isinstance(slide, Slide)
     if own:
         slide = open_slide(slide, mpp=mpp)
     try:
-        tile_px = tile_edge_px(slide, config.tile_um)
+        tile_px = tile_edge_px(slide, tile_um)
         level = read_level_for(slide, tile_px, config.input_px)
         yield Progress("tissue", 0, 1, f"finding tissue in {Path(slide.path).name}")
         t0 = time.perf_counter()
@@ -168,51 +312,38 @@ def predict_slide(
         for i, sample in enumerate(pieces):
             t0 = time.perf_counter()
             chunks, cells, shape = tile_chunks(slide, sample, level, chunk_tiles=chunk_tiles)
-            out = model.predict_chunks(chunks(), cells, shape, device=device, amp=use_amp)
-            probs = torch.softmax(out.logits.float(), 0).cpu().numpy()
-            arrays = {}
-            if not config.hidden:
-                with torch.no_grad():
-                    u, _ = cells_to_grid(out.features, cells.to(out.features.device), shape)
-                    contributions = model.map_contributions(u, out.maps[None].float())[0]
-                arrays["map_contributions"] = contributions.float().cpu().numpy()  # (C, m)
-            scores = out.scores.float().cpu().numpy()
-            scores[~np.isfinite(scores)] = np.nan
+            fields, call = run_piece(sample, chunks, cells, shape)
+            info = fields.pop("info", {})
             piece = PieceResult(
                 index=int(sample.piece),
                 box=tuple(int(v) for v in sample.box),
-                probabilities=probs,
                 grid_origin=tuple(int(v) for v in sample.grid.origin),
                 tile_size=int(sample.grid.tile_size),
                 level=int(level),
-                maps=out.maps.float().cpu().numpy(),
-                scores=scores,
                 tissue=np.asarray(sample.grid.in_tissue, dtype=bool),
-                arrays=arrays,
-                info={"tiles": int(sample.n_tiles), "seconds": time.perf_counter() - t0},
+                info={"tiles": int(sample.n_tiles), "seconds": time.perf_counter() - t0, **info},
+                **fields,
             )
             timings["read_and_model"] += time.perf_counter() - t0
             results.append(piece)
             done_tiles += sample.n_tiles
-            name = config.classes[piece.predicted]
             yield Progress(
                 "piece",
                 i + 1,
                 len(pieces),
-                f"piece {sample.piece}: {name} ({probs[piece.predicted]:.0%}), "
-                f"{sample.n_tiles} tiles",
+                f"piece {sample.piece}: {config.classes[call]} "
+                f"({piece.probabilities[call]:.0%}), {sample.n_tiles} tiles",
                 {"piece": piece, "tiles_done": done_tiles, "tiles": n_tiles},
             )
-        probabilities, predicted = aggregate(
-            [p.probabilities for p in results], aggregation, config.risk
-        )
-        timings["total"] = time.perf_counter() - start
+        probabilities, predicted, aggregation, extra_info = finish(results)
+        timings["total"] = time.perf_counter() - run.start
         info: dict[str, Any] = {
-            "device": str(device),
-            "amp": bool(use_amp),
+            "device": str(run.device),
+            "amp": bool(run.amp),
             "tiles": int(n_tiles),
             "tile_px": int(tile_px),
             "tiles_per_second": n_tiles / max(timings["read_and_model"], 1e-9),
+            **extra_info,
         }
         return SlideResult(
             slide=str(slide.path),
@@ -223,7 +354,7 @@ def predict_slide(
             aggregation=aggregation,
             pieces=results,
             timings=timings,
-            model={"checkpoint": checkpoint_path, "config": config.to_dict()},
+            model={"checkpoint": run.checkpoint, "config": config.to_dict()},
             slide_info={
                 "mpp": list(slide.mpp) if slide.mpp else None,
                 "dimensions": list(slide.dimensions),

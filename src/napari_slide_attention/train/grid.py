@@ -20,29 +20,17 @@ The run directory holds:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-import shutil
-import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..models.checkpoint import (
-    CheckpointError,
-    load_training_state,
-    read_checkpoint,
-    save_checkpoint,
-    save_training_state,
-)
+from ..models.checkpoint import CheckpointError, read_checkpoint
 from ..models.grid_attention import GridAttention, GridAttentionConfig
-from ..models.preact_resnet import load_weights
 from ..progress import Progress
 from ..slide.reader import open_slide
 from ..slide.tissue import TissueParams, tissue_mask
@@ -54,7 +42,16 @@ from .data import (
     slide_pieces,
     tile_chunks,
     tile_edge_px,
-    tissue_statistics,
+)
+from .loop import (
+    RunDirectory,
+    SettingsRecord,
+    TrainSummary,
+    adam,
+    class_weights,
+    initialise,
+    on_device,
+    run_epochs,
 )
 from .metrics import Metrics, evaluate
 
@@ -62,7 +59,7 @@ __all__ = ["GridTrainSettings", "TrainSummary", "evaluate_grid", "train_grid"]
 
 
 @dataclass
-class GridTrainSettings:
+class GridTrainSettings(SettingsRecord):
     """How to train (the paper's values are the defaults).
 
     Attributes:
@@ -159,29 +156,6 @@ class GridTrainSettings:
             return self.lr_reset * self.lr_decay**since
         return self.lr * self.lr_decay**epoch
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GridTrainSettings:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**data)
-
-
-@dataclass
-class TrainSummary:
-    """What a training run produced."""
-
-    run_dir: Path
-    best: Path | None
-    last: Path | None
-    epochs_done: int
-    log: list[dict[str, Any]] = field(default_factory=list)
-    stopped_early: bool = False
-
 
 @dataclass
 class _SlideData:
@@ -274,21 +248,6 @@ def evaluate_grid(
     return evaluate(truth, probabilities=probabilities, classes=classes), rows
 
 
-def _write_log(run_dir: Path, log: list[dict[str, Any]]) -> None:
-    tmp = run_dir / "log.json.tmp"
-    tmp.write_text(json.dumps(log, indent=1))
-    os.replace(tmp, run_dir / "log.json")
-    keys: list[str] = []
-    for row in log:
-        keys += [k for k in row if k not in keys and not isinstance(row[k], dict | list)]
-    tmp = run_dir / "log.csv.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(log)
-    os.replace(tmp, run_dir / "log.csv")
-
-
 def train_grid(
     cohort: Cohort,
     run_dir: str | os.PathLike,
@@ -317,8 +276,6 @@ def train_grid(
         The summary with the paths of the best and last checkpoints.
     """
     settings = settings or GridTrainSettings()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     classes = cohort.classes
     record = {
         "settings": settings.to_dict(),
@@ -326,19 +283,7 @@ def train_grid(
         "cohort": str(cohort.path) if cohort.path else None,
         "init": str(init) if init else None,
     }
-    settings_file = run_dir / "settings.json"
-    state_file = run_dir / "training-state.safetensors"
-    resuming = resume and state_file.exists() and settings_file.exists()
-    if resuming:
-        previous = json.loads(settings_file.read_text())
-        if previous.get("settings") != record["settings"] or previous.get("classes") != list(
-            classes
-        ):
-            raise ValueError(
-                f"{run_dir}: holds a run with other settings or classes; resume it with the "
-                "same settings, or choose another --out (or pass --no-resume to start over)"
-            )
-    settings_file.write_text(json.dumps(record, indent=1))
+    run = RunDirectory(run_dir, record, resume=resume)
 
     device = torch.device(
         "cuda"
@@ -368,76 +313,20 @@ def train_grid(
         model.load_state_dict(base.tensors, strict=True)
         model.set_normalisation(base.config["mean"], base.config["std"])
     else:
-        if settings.weights:
-            report = load_weights(model.trunk, settings.weights)
-            yield Progress("weights", 1, 1, report.summary())
-        mean, std = tissue_statistics(_sample_tiles(train, settings.normalise_tiles))
-        model.set_normalisation(mean, std)
-        calibrate = (
-            settings.calibrate_bn if settings.calibrate_bn is not None else not settings.weights
-        )
-        if calibrate:
-            batches = [
-                torch.from_numpy(np.stack(list(_sample_tiles([s], settings.normalise_tiles))))
-                for s in train
-            ]
-            n = model.to(device).calibrate_frozen_batchnorm(batches)
-            yield Progress("calibrate", 1, 1, f"frozen trunk BN statistics from {n} tiles")
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        report = yield from initialise(model, settings, train, _sample_tiles, device)
+    model = on_device(model, device)
 
     counts = np.bincount([p.label for _, p in samples], minlength=len(classes)).astype(float)
-    weights = None
-    if settings.class_weights == "balanced":
-        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / (counts > 0).sum(), 0.0)
-        weights = torch.tensor(w, dtype=torch.float32)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=settings.learning_rate(0),
-        weight_decay=settings.weight_decay,
-    )
-    log: list[dict[str, Any]] = []
-    start_epoch = 0
-    best_score = -math.inf
-    if resuming:
-        last = run_dir / "last.safetensors"
-        state = load_training_state(state_file, optimizer)
-        model.load_state_dict(read_checkpoint(last).tensors, strict=True)
-        cfg = read_checkpoint(last).config
-        model.set_normalisation(cfg["mean"], cfg["std"])
-        start_epoch = int(state["epoch"]) + 1
-        best_score = float(state.get("best_score", -math.inf))
-        if (run_dir / "log.json").exists():
-            log = [
-                r
-                for r in json.loads((run_dir / "log.json").read_text())
-                if r["epoch"] < start_epoch
-            ]
-        yield Progress(
-            "resume", start_epoch, settings.epochs, f"resuming after epoch {start_epoch}"
-        )
-    t_start = time.perf_counter()
+    weights = class_weights(settings.class_weights, counts)
+    optimizer = adam(model, settings)
+    yield from run.restore(model, optimizer, settings.epochs)
     steps_per_epoch = math.ceil(len(samples) / settings.samples_per_step)
     cache_bytes = settings.cache_mb << 20
-    stopped_early = False
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    extra_base = {"cohort": record["cohort"], "settings": settings.to_dict()}
-    if report is not None:
-        extra_base["weights"] = {
-            "path": report.path,
-            "loaded": len(report.loaded),
-            "missing": len(report.missing),
-        }
 
-    for epoch in range(start_epoch, settings.epochs):
-        t_epoch = time.perf_counter()
-        # per-epoch random streams, so a resumed run draws what the uninterrupted one would
-        rng = np.random.default_rng([settings.seed, epoch])
-        torch.manual_seed(settings.seed * 100_003 + epoch)
-        lr = settings.learning_rate(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def train_epoch(
+        epoch: int, rng: np.random.Generator, lr: float
+    ) -> Generator[Progress, None, dict[str, Any]]:
+        """One pass over the training pieces, ``samples_per_step`` per optimiser step."""
         model.train()
         order = rng.permutation(len(samples))
         losses, correct = [], 0
@@ -483,82 +372,32 @@ def train_grid(
                         "lr": lr,
                     },
                 )
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": float(np.mean(losses)),
-            "train_accuracy": correct / len(order),
-            "seconds": time.perf_counter() - t_epoch,
+        return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / len(order)}
+
+    def validate() -> tuple[dict[str, Any], float] | None:
+        """Slide-level metrics on the validation split, scored by mean F1."""
+        if not val:
+            return None
+        metrics, _ = evaluate_grid(
+            model,
+            val,
+            classes,
+            device=device,
+            amp=amp,
+            chunk_tiles=settings.chunk_tiles,
+            aggregation=settings.aggregation,
+        )
+        entries = {
+            "val_mean_f1": metrics.mean.f1,
+            "val_accuracy": metrics.accuracy,
+            "val_mean_accuracy": metrics.mean.accuracy,
+            "val_auroc": metrics.auroc,
+            "val_metrics": metrics.to_dict(),
         }
-        if val:
-            metrics, _ = evaluate_grid(
-                model,
-                val,
-                classes,
-                device=device,
-                amp=amp,
-                chunk_tiles=settings.chunk_tiles,
-                aggregation=settings.aggregation,
-            )
-            row.update(
-                {
-                    "val_mean_f1": metrics.mean.f1,
-                    "val_accuracy": metrics.accuracy,
-                    "val_mean_accuracy": metrics.mean.accuracy,
-                    "val_auroc": metrics.auroc,
-                    "val_metrics": metrics.to_dict(),
-                }
-            )
-            score = metrics.mean.f1
-        else:
-            score = -row["train_loss"]
-        log.append(row)
-        extra = {
-            **extra_base,
-            "epoch": epoch,
-            "metrics": {k: v for k, v in row.items() if not isinstance(v, dict)},
-        }
-        path = save_checkpoint(
-            run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.safetensors",
-            config.kind,
-            config.to_dict(),
-            model.state_dict(),
-            extra,
-        )
-        _replace_copy(path, run_dir / "last.safetensors")
-        if score > best_score:
-            best_score = score
-            _replace_copy(path, run_dir / "best.safetensors")
-        save_training_state(
-            state_file,
-            optimizer,
-            {"epoch": epoch, "best_score": best_score},
-        )
-        _write_log(run_dir, log)
-        yield Progress(
-            "epoch",
-            epoch + 1,
-            settings.epochs,
-            f"epoch {epoch + 1}: loss {row['train_loss']:.3f}"
-            + (f", val mean F1 {row['val_mean_f1']:.2f}" if val else ""),
-            {"row": row, "checkpoint": str(path)},
-        )
-        if settings.max_hours and (time.perf_counter() - t_start) / 3600 > settings.max_hours:
-            stopped_early = True
-            break
-    best = run_dir / "best.safetensors"
-    last = run_dir / "last.safetensors"
-    return TrainSummary(
-        run_dir,
-        best if best.exists() else None,
-        last if last.exists() else None,
-        (log[-1]["epoch"] + 1) if log else start_epoch,
-        log,
-        stopped_early,
+        return entries, metrics.mean.f1
+
+    extra = run.checkpoint_extra(record["cohort"], settings, report)
+    stopped_early = yield from run_epochs(
+        run, settings, model, optimizer, train_epoch, validate, extra, "val mean F1"
     )
-
-
-def _replace_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    return run.summary(stopped_early)

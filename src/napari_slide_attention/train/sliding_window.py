@@ -18,26 +18,24 @@ weight regularisation and learning-rate decay; ours are Adam at lr 1e-3, decayed
 tile counts of ``aggregate_tiles`` are chosen by grid search on the validation split
 (slide-level mean F1) and written into the best checkpoint's config.
 
-The run directory holds what ``train_grid``'s does: ``settings.json``,
+The run directory (``loop.RunDirectory``, as ``train_grid``'s) holds ``settings.json``,
 ``checkpoints/epoch-NNNN.safetensors``, ``last.safetensors``, ``best.safetensors`` (best
 validation crop-level mean F1, or training loss without a validation split; it carries the
 tuned thresholds), ``training-state.safetensors``, ``log.csv`` and ``log.json``.
 
-``predict_slide_sliding_window`` mirrors ``inference.predict_slide``: it classifies every
-tissue tile of each piece on the slide-wide tile grid and keeps the tile probabilities.
+``predict_slide_sliding_window`` mirrors ``inference.predict_slide`` (both run on
+``inference.predict_pieces``): it classifies every tissue tile of each piece on the
+slide-wide tile grid and keeps the tile probabilities.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import os
-import time
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference import default_amp, resolve_device
-from ..models.checkpoint import (
-    load_model,
-    load_training_state,
-    read_checkpoint,
-    save_checkpoint,
-    save_training_state,
-)
+from ..inference import load_for_inference, predict_pieces, resolve_device
+from ..models.checkpoint import load_model, save_checkpoint
 from ..models.grid_attention import _Autocast
-from ..models.preact_resnet import load_weights
 from ..models.sliding_window import CropClassifier, SlidingWindowConfig, aggregate_tiles
 from ..progress import Progress, run_to_end
 from ..results import PieceResult, SlideResult
@@ -65,11 +56,18 @@ from .data import (
     PieceSample,
     read_level_for,
     slide_pieces,
-    tile_chunks,
     tile_edge_px,
-    tissue_statistics,
 )
-from .grid import TrainSummary, _replace_copy, _write_log
+from .loop import (
+    RunDirectory,
+    SettingsRecord,
+    TrainSummary,
+    adam,
+    class_weights,
+    initialise,
+    on_device,
+    run_epochs,
+)
 from .metrics import Metrics, evaluate
 
 __all__ = [
@@ -89,7 +87,7 @@ _OPEN_SLIDES = 8
 
 
 @dataclass
-class SlidingWindowSettings:
+class SlidingWindowSettings(SettingsRecord):
     """How to train the sliding-window baseline.
 
     Attributes:
@@ -180,17 +178,6 @@ class SlidingWindowSettings:
     def learning_rate(self, epoch: int) -> float:
         """lr · decay^epoch."""
         return self.lr * self.lr_decay**epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SlidingWindowSettings:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass
@@ -501,32 +488,17 @@ def train_sliding_window(
             ``run_dir`` with other settings.
     """
     settings = settings or SlidingWindowSettings()
-    run_dir = Path(run_dir)
     classes = cohort.classes
     config = settings.model_config(classes)
     risk = config.risk
     _check_lesions(cohort, ("train", "val"), risk)
-    run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "model": config.kind,
         "settings": settings.to_dict(),
         "classes": list(classes),
         "cohort": str(cohort.path) if cohort.path else None,
     }
-    settings_file = run_dir / "settings.json"
-    state_file = run_dir / "training-state.safetensors"
-    last = run_dir / "last.safetensors"
-    resuming = resume and state_file.exists() and settings_file.exists() and last.exists()
-    if resuming:
-        previous = json.loads(settings_file.read_text())
-        if previous.get("settings") != record["settings"] or previous.get("classes") != list(
-            classes
-        ):
-            raise ValueError(
-                f"{run_dir}: holds a run with other settings or classes; resume it with the "
-                "same settings, or choose another --out (or pass --no-resume to start over)"
-            )
-    settings_file.write_text(json.dumps(record, indent=1))
+    run = RunDirectory(run_dir, record, resume=resume, need_last=True)
 
     device = resolve_device(settings.device)
     amp = settings.amp if settings.amp is not None else device.type == "cuda"
@@ -545,78 +517,30 @@ def train_sliding_window(
 
     model = CropClassifier(config)
     report = None
-    if not resuming:
-        if settings.weights:
-            report = load_weights(model.trunk, settings.weights)
-            yield Progress("weights", 1, 1, report.summary())
-        mean, std = tissue_statistics(_sample_tiles(train, settings.normalise_tiles))
-        model.set_normalisation(mean, std)
-        calibrate = (
-            settings.calibrate_bn if settings.calibrate_bn is not None else not settings.weights
+    if not run.resuming:
+        report = yield from initialise(
+            model,
+            settings,
+            train,
+            _sample_tiles,
+            device,
+            calibrate=model.config.trainable_blocks < 5,
         )
-        if calibrate and model.config.trainable_blocks < 5:
-            batches = [
-                torch.from_numpy(np.stack(list(_sample_tiles([s], settings.normalise_tiles))))
-                for s in train
-            ]
-            n = model.to(device).calibrate_frozen_batchnorm(batches)
-            yield Progress("calibrate", 1, 1, f"frozen trunk BN statistics from {n} tiles")
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = on_device(model, device)
 
-    weights = None
-    if settings.class_weights == "balanced":
-        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(present), 0.0)
-        weights = torch.tensor(w, dtype=torch.float32, device=device)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=settings.learning_rate(0),
-        weight_decay=settings.weight_decay,
-    )
-    log: list[dict[str, Any]] = []
-    start_epoch = 0
-    best_score = -math.inf
-    if resuming:
-        state = load_training_state(state_file, optimizer)
-        previous = read_checkpoint(last)
-        model.load_state_dict(previous.tensors, strict=True)
-        model.set_normalisation(previous.config["mean"], previous.config["std"])
-        start_epoch = int(state["epoch"]) + 1
-        best_score = float(state.get("best_score", -math.inf))
-        if (run_dir / "log.json").exists():
-            log = [
-                r
-                for r in json.loads((run_dir / "log.json").read_text())
-                if r["epoch"] < start_epoch
-            ]
-        yield Progress(
-            "resume", start_epoch, settings.epochs, f"resuming after epoch {start_epoch}"
-        )
+    weights = class_weights(settings.class_weights, counts, device)
+    optimizer = adam(model, settings)
+    yield from run.restore(model, optimizer, settings.epochs)
     # fixed validation crops (no augmentation), the same every epoch
     val_crops = _draw_crops(
         val, settings, np.random.default_rng([settings.seed, 1_000_003]), lowest, False
     )
     autocast = _Autocast(device, amp)
-    t_start = time.perf_counter()
-    stopped_early = False
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    extra_base: dict[str, Any] = {"cohort": record["cohort"], "settings": settings.to_dict()}
-    if report is not None:
-        extra_base["weights"] = {
-            "path": report.path,
-            "loaded": len(report.loaded),
-            "missing": len(report.missing),
-        }
 
-    for epoch in range(start_epoch, settings.epochs):
-        t_epoch = time.perf_counter()
-        # per-epoch random streams, so a resumed run draws what the uninterrupted one would
-        rng = np.random.default_rng([settings.seed, epoch])
-        torch.manual_seed(settings.seed * 100_003 + epoch)
-        lr = settings.learning_rate(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def train_epoch(
+        epoch: int, rng: np.random.Generator, lr: float
+    ) -> Generator[Progress, None, dict[str, Any]]:
+        """One pass over freshly drawn crops, ``batch_size`` per optimiser step."""
         crops = _draw_crops(train, settings, rng, lowest, settings.augment)
         steps = max(1, len(crops) // settings.batch_size + (len(crops) % settings.batch_size > 1))
         losses, sizes, correct = [], [], 0
@@ -640,76 +564,39 @@ def train_sliding_window(
                 f"loss {losses[-1]:.3f}",
                 {"epoch": epoch, "loss": losses[-1], "lr": lr},
             )
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr,
+        return {
             "train_loss": float(np.average(losses, weights=sizes)),
             "train_accuracy": correct / len(crops),
             "crops": len(crops),
-            "seconds": time.perf_counter() - t_epoch,
         }
-        if val_crops:
-            metrics = _crop_metrics(
-                model,
-                val_crops,
-                val,
-                classes,
-                device=device,
-                amp=amp,
-                batch_size=settings.batch_size,
-            )
-            row.update(
-                {
-                    "val_crop_mean_f1": metrics.mean.f1,
-                    "val_crop_accuracy": metrics.accuracy,
-                    "val_crop_metrics": metrics.to_dict(),
-                }
-            )
-            score = metrics.mean.f1
-        else:
-            score = -row["train_loss"]
-        log.append(row)
-        extra = {
-            **extra_base,
-            "epoch": epoch,
-            "metrics": {k: v for k, v in row.items() if not isinstance(v, dict)},
-        }
-        path = save_checkpoint(
-            run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.safetensors",
-            config.kind,
-            config.to_dict(),
-            model.state_dict(),
-            extra,
-        )
-        _replace_copy(path, last)
-        if score > best_score:
-            best_score = score
-            _replace_copy(path, run_dir / "best.safetensors")
-        save_training_state(state_file, optimizer, {"epoch": epoch, "best_score": best_score})
-        _write_log(run_dir, log)
-        yield Progress(
-            "epoch",
-            epoch + 1,
-            settings.epochs,
-            f"epoch {epoch + 1}: loss {row['train_loss']:.3f}"
-            + (f", val crop mean F1 {row['val_crop_mean_f1']:.2f}" if val_crops else ""),
-            {"row": row, "checkpoint": str(path)},
-        )
-        if settings.max_hours and (time.perf_counter() - t_start) / 3600 > settings.max_hours:
-            stopped_early = True
-            break
 
-    best = run_dir / "best.safetensors"
-    if best.exists():
-        yield from _tune_best(best, val, settings, device, amp, tissue)
-    return TrainSummary(
-        run_dir,
-        best if best.exists() else None,
-        last if last.exists() else None,
-        (log[-1]["epoch"] + 1) if log else start_epoch,
-        log,
-        stopped_early,
+    def validate() -> tuple[dict[str, Any], float] | None:
+        """Crop-level metrics on the fixed validation crops, scored by mean F1."""
+        if not val_crops:
+            return None
+        metrics = _crop_metrics(
+            model,
+            val_crops,
+            val,
+            classes,
+            device=device,
+            amp=amp,
+            batch_size=settings.batch_size,
+        )
+        entries = {
+            "val_crop_mean_f1": metrics.mean.f1,
+            "val_crop_accuracy": metrics.accuracy,
+            "val_crop_metrics": metrics.to_dict(),
+        }
+        return entries, metrics.mean.f1
+
+    extra = run.checkpoint_extra(record["cohort"], settings, report)
+    stopped_early = yield from run_epochs(
+        run, settings, model, optimizer, train_epoch, validate, extra, "val crop mean F1"
     )
+    if run.best.exists():
+        yield from _tune_best(run.best, val, settings, device, amp, tissue)
+    return run.summary(stopped_early)
 
 
 def _tune_best(
@@ -924,120 +811,62 @@ def predict_slide_sliding_window(
     Returns:
         The slide's result (aggregation "thresholds").
     """
-    start = time.perf_counter()
-    timings = {"tissue": 0.0, "read_and_model": 0.0}
-    device = resolve_device(device)
-    checkpoint_path = None
-    if not isinstance(model, torch.nn.Module):
-        checkpoint_path = str(model)
-        model, _ = load_model(model, device)
-    if not isinstance(model, CropClassifier):
-        raise TypeError(
-            f"predict_slide_sliding_window runs sliding-window models, got {type(model).__name__}"
-        )
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    use_amp = default_amp(device) if amp is None else amp
-    config = model.config
+    run = load_for_inference(
+        model,
+        device,
+        amp,
+        CropClassifier,
+        "predict_slide_sliding_window runs sliding-window models",
+    )
+    model, config = run.model, run.model.config
     n_classes = len(config.classes)
-    own = not isinstance(slide, Slide)
-    if own:
-        slide = open_slide(slide, mpp=mpp)
-    try:
-        tile_px = tile_edge_px(slide, config.crop_um)
-        level = read_level_for(slide, tile_px, config.input_px)
-        yield Progress("tissue", 0, 1, f"finding tissue in {Path(slide.path).name}")
-        t0 = time.perf_counter()
-        if pieces is None:
-            mask = tissue_mask(slide, tissue)
-            pieces = slide_pieces(slide, tile_px, min_tissue=min_tissue, mask=mask)
-        timings["tissue"] = time.perf_counter() - t0
-        if not pieces:
-            raise ValueError(f"{slide.path}: no tissue found (no piece has a tissue tile)")
-        n_tiles = sum(p.n_tiles for p in pieces)
-        yield Progress(
-            "tissue",
-            1,
-            1,
-            f"{len(pieces)} tissue piece(s), {n_tiles} tiles",
-            {"pieces": len(pieces), "tiles": n_tiles},
+    every_tile: list[np.ndarray] = []
+
+    def run_piece(
+        sample: PieceSample,
+        chunks: Callable[[], Iterator[torch.Tensor]],
+        cells: torch.Tensor,
+        shape: tuple[int, int],
+    ) -> tuple[dict[str, Any], int]:
+        """A piece's tile probabilities and the rule's call on them."""
+        probs = model.predict_chunks(chunks(), device=run.device, amp=run.amp).numpy()  # (N, C)
+        grid = np.full((n_classes, shape[0] * shape[1]), np.nan, dtype=np.float32)
+        grid[:, cells.numpy()] = probs.T
+        grid = grid.reshape(n_classes, *shape)  # (C, H', W')
+        piece_probs, call = aggregate_tiles(
+            probs, config.thresholds, config.min_counts, config.risk
         )
-        results: list[PieceResult] = []
-        every_tile: list[np.ndarray] = []
-        done_tiles = 0
-        for i, sample in enumerate(pieces):
-            t0 = time.perf_counter()
-            chunks, cells, shape = tile_chunks(slide, sample, level, chunk_tiles=chunk_tiles)
-            probs = model.predict_chunks(chunks(), device=device, amp=use_amp).numpy()  # (N, C)
-            grid = np.full((n_classes, shape[0] * shape[1]), np.nan, dtype=np.float32)
-            grid[:, cells.numpy()] = probs.T
-            grid = grid.reshape(n_classes, *shape)  # (C, H', W')
-            piece_probs, call = aggregate_tiles(
-                probs, config.thresholds, config.min_counts, config.risk
-            )
-            piece = PieceResult(
-                index=int(sample.piece),
-                box=tuple(int(v) for v in sample.box),
-                probabilities=piece_probs,
-                grid_origin=tuple(int(v) for v in sample.grid.origin),
-                tile_size=int(sample.grid.tile_size),
-                level=int(level),
-                tissue=np.asarray(sample.grid.in_tissue, dtype=bool),
-                arrays={"tile_probabilities": grid},
-                info={
-                    "tiles": int(sample.n_tiles),
-                    "seconds": time.perf_counter() - t0,
-                    "call": int(call),
-                    "tiles_over_threshold": _over_threshold(probs, config),
-                },
-            )
-            timings["read_and_model"] += time.perf_counter() - t0
-            results.append(piece)
-            every_tile.append(probs)
-            done_tiles += sample.n_tiles
-            yield Progress(
-                "piece",
-                i + 1,
-                len(pieces),
-                f"piece {sample.piece}: {config.classes[call]} ({piece_probs[call]:.0%}), "
-                f"{sample.n_tiles} tiles",
-                {"piece": piece, "tiles_done": done_tiles, "tiles": n_tiles},
-            )
+        every_tile.append(probs)
+        fields = {
+            "probabilities": piece_probs,
+            "arrays": {"tile_probabilities": grid},
+            "info": {"call": int(call), "tiles_over_threshold": _over_threshold(probs, config)},
+        }
+        return fields, call
+
+    def finish(results: list[PieceResult]) -> tuple[np.ndarray, int, str, dict[str, Any]]:
+        """The rule on all the slide's tiles."""
         tiles = np.concatenate(every_tile)  # (N, C) over the whole slide
         probabilities, predicted = aggregate_tiles(
             tiles, config.thresholds, config.min_counts, config.risk
         )
-        timings["total"] = time.perf_counter() - start
-        info: dict[str, Any] = {
-            "device": str(device),
-            "amp": bool(use_amp),
-            "tiles": int(n_tiles),
-            "tile_px": int(tile_px),
-            "tiles_per_second": n_tiles / max(timings["read_and_model"], 1e-9),
-            "tiles_over_threshold": _over_threshold(tiles, config),
-        }
-        return SlideResult(
-            slide=str(slide.path),
-            model_kind=config.kind,
-            classes=config.classes,
-            probabilities=probabilities,
-            predicted=predicted,
-            aggregation="thresholds",
-            pieces=results,
-            timings=timings,
-            model={"checkpoint": checkpoint_path, "config": config.to_dict()},
-            slide_info={
-                "mpp": list(slide.mpp) if slide.mpp else None,
-                "dimensions": list(slide.dimensions),
-                "vendor": slide.vendor,
-                "read_level": int(level),
-            },
-            info=info,
+        info = {"tiles_over_threshold": _over_threshold(tiles, config)}
+        return probabilities, predicted, "thresholds", info
+
+    return (
+        yield from predict_pieces(
+            run,
+            slide,
+            config.crop_um,
+            run_piece,
+            finish,
+            chunk_tiles=chunk_tiles,
+            tissue=tissue,
+            min_tissue=min_tissue,
+            mpp=mpp,
+            pieces=pieces,
         )
-    finally:
-        if own:
-            slide.close()
+    )
 
 
 def _over_threshold(probs: np.ndarray, config: SlidingWindowConfig) -> dict[str, int]:

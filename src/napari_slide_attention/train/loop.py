@@ -1,0 +1,449 @@
+"""What the trainers share: the run directory, the model's set-up and the epoch loop.
+
+``train_grid`` and ``train_sliding_window`` differ in their data and in what one epoch of
+training and validation does; the rest is here, once:
+
+``RunDirectory``   ``settings.json`` (and the check that a resumed run has the same
+                   settings and classes), resuming from ``last.safetensors`` and
+                   ``training-state.safetensors``, and per epoch the checkpoint,
+                   ``last``/``best`` copies, training state and ``log.csv``/``log.json``
+``initialise``     pretrained trunk weights, normalisation statistics, BN calibration
+``run_epochs``     per-epoch random streams and learning rate, the log row, the "epoch"
+                   event and the time limit
+``SettingsRecord`` the settings classes' ``to_dict``/``from_dict``; ``adam``,
+                   ``class_weights`` and ``on_device`` the optimiser, the loss's class
+                   weights and the model's placement
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from ..models.checkpoint import (
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
+from ..models.preact_resnet import WeightsReport, load_weights
+from ..progress import Progress
+from .data import tissue_statistics
+
+__all__ = [
+    "RunDirectory",
+    "SettingsRecord",
+    "TrainSummary",
+    "adam",
+    "class_weights",
+    "initialise",
+    "on_device",
+    "run_epochs",
+]
+
+
+_S = TypeVar("_S", bound="SettingsRecord")
+
+
+class SettingsRecord:
+    """``to_dict`` and ``from_dict`` for a settings dataclass (the trainers' settings)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able values (tuples as lists), in field order."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[_S], data: dict[str, Any]) -> _S:
+        """Settings from ``to_dict``'s output (or part of it: the rest keep defaults).
+
+        Raises:
+            ValueError: a name that is no setting.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainSummary:
+    """What a training run produced."""
+
+    run_dir: Path
+    best: Path | None
+    last: Path | None
+    epochs_done: int
+    log: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class _Settings(Protocol):
+    """The settings ``run_epochs`` and ``initialise`` read (both trainers' have them)."""
+
+    epochs: int
+    seed: int
+    max_hours: float
+    weight_decay: float
+    weights: str | None
+    calibrate_bn: bool | None
+    normalise_tiles: int
+
+    def learning_rate(self, epoch: int) -> float: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class RunDirectory:
+    """A training run's directory: settings record, checkpoints, training state and log.
+
+    Creating one creates the directory, decides whether the run resumes and writes
+    ``settings.json``. ``restore`` then loads a resumed run's model, optimiser state and
+    log; ``save_epoch`` writes what an epoch leaves behind.
+
+    Attributes:
+        path: the directory.
+        settings_file, state_file, last, best: ``settings.json``,
+            ``training-state.safetensors``, ``last.safetensors``, ``best.safetensors``.
+        resuming: a run found in the directory continues.
+        log: the log rows so far (one per epoch).
+        start_epoch: the first epoch still to train.
+        best_score: the best epoch's score so far (validation mean F1, or minus the
+            training loss).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        record: dict[str, Any],
+        *,
+        resume: bool,
+        need_last: bool = False,
+    ) -> None:
+        """Open (create) a run directory and write its settings record.
+
+        Args:
+            path: the directory.
+            record: what ``settings.json`` holds; its "settings" and "classes" must equal
+                a resumed run's.
+            resume: continue a run found in the directory (training state and settings
+                present).
+            need_last: resume only when ``last.safetensors`` is there too.
+
+        Raises:
+            ValueError: resuming a run with other settings or classes.
+        """
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.settings_file = self.path / "settings.json"
+        self.state_file = self.path / "training-state.safetensors"
+        self.last = self.path / "last.safetensors"
+        self.best = self.path / "best.safetensors"
+        self.resuming = (
+            resume
+            and self.state_file.exists()
+            and self.settings_file.exists()
+            and (self.last.exists() or not need_last)
+        )
+        if self.resuming:
+            previous = json.loads(self.settings_file.read_text())
+            same = previous.get("settings") == record["settings"]
+            if not same or previous.get("classes") != list(record["classes"]):
+                raise ValueError(
+                    f"{self.path}: holds a run with other settings or classes; resume it "
+                    "with the same settings, or choose another --out (or pass --no-resume "
+                    "to start over)"
+                )
+        self.settings_file.write_text(json.dumps(record, indent=1))
+        self.log: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.best_score = -math.inf
+
+    def restore(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int
+    ) -> Generator[Progress, None, None]:
+        """When resuming: the last checkpoint's weights and normalisation into ``model``,
+        the optimiser state, the epoch to start at, the best score and the earlier log
+        rows. Nothing when not resuming.
+
+        Args:
+            model: the model (with ``set_normalisation``).
+            optimizer: its optimiser.
+            epochs: the run's epochs (for the event).
+
+        Yields:
+            Progress: "resume" once, when resuming.
+        """
+        if not self.resuming:
+            return
+        state = load_training_state(self.state_file, optimizer)
+        previous = read_checkpoint(self.last)
+        model.load_state_dict(previous.tensors, strict=True)
+        model.set_normalisation(previous.config["mean"], previous.config["std"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_score = float(state.get("best_score", -math.inf))
+        log_file = self.path / "log.json"
+        if log_file.exists():
+            rows = json.loads(log_file.read_text())
+            self.log = [r for r in rows if r["epoch"] < self.start_epoch]
+        yield Progress(
+            "resume", self.start_epoch, epochs, f"resuming after epoch {self.start_epoch}"
+        )
+
+    def save_epoch(
+        self,
+        epoch: int,
+        row: dict[str, Any],
+        score: float,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+    ) -> Path:
+        """Log an epoch and write its checkpoint, ``last``, ``best`` (when ``score`` beats
+        the best so far), the training state and the log files.
+
+        Args:
+            epoch: the epoch (from 0).
+            row: its log row.
+            score: its score (higher is better).
+            model: the model (with a ``config`` that has ``kind`` and ``to_dict``).
+            optimizer: its optimiser.
+            extra: the checkpoint's extras, to which the epoch and the row's scalar
+                metrics are added.
+
+        Returns:
+            The epoch's checkpoint.
+        """
+        self.log.append(row)
+        extra = {
+            **extra,
+            "epoch": epoch,
+            "metrics": {k: v for k, v in row.items() if not isinstance(v, dict)},
+        }
+        config = model.config
+        path = save_checkpoint(
+            self.path / "checkpoints" / f"epoch-{epoch + 1:04d}.safetensors",
+            config.kind,
+            config.to_dict(),
+            model.state_dict(),
+            extra,
+        )
+        _replace_copy(path, self.last)
+        if score > self.best_score:
+            self.best_score = score
+            _replace_copy(path, self.best)
+        save_training_state(
+            self.state_file, optimizer, {"epoch": epoch, "best_score": self.best_score}
+        )
+        _write_log(self.path, self.log)
+        return path
+
+    def checkpoint_extra(
+        self, cohort: str | None, settings: _Settings, report: WeightsReport | None
+    ) -> dict[str, Any]:
+        """The extras every checkpoint of the run carries: cohort, settings and, where
+        pretrained weights were loaded, what was loaded."""
+        extra: dict[str, Any] = {"cohort": cohort, "settings": settings.to_dict()}
+        if report is not None:
+            extra["weights"] = {
+                "path": report.path,
+                "loaded": len(report.loaded),
+                "missing": len(report.missing),
+            }
+        return extra
+
+    def summary(self, stopped_early: bool) -> TrainSummary:
+        """The run's summary (best and last checkpoints where they exist)."""
+        return TrainSummary(
+            self.path,
+            self.best if self.best.exists() else None,
+            self.last if self.last.exists() else None,
+            (self.log[-1]["epoch"] + 1) if self.log else self.start_epoch,
+            self.log,
+            stopped_early,
+        )
+
+
+def initialise(
+    model: torch.nn.Module,
+    settings: _Settings,
+    train: Sequence[Any],
+    sample_tiles: Callable[[Sequence[Any], int], Iterable[np.ndarray]],
+    device: torch.device,
+    *,
+    calibrate: bool = True,
+) -> Generator[Progress, None, WeightsReport | None]:
+    """A new model's start: pretrained trunk weights (``settings.weights``), the
+    normalisation statistics of the training slides' tissue and, where asked (by default
+    when no weights were given), the frozen trunk's batch-norm statistics.
+
+    Args:
+        model: the model (with ``trunk``, ``set_normalisation`` and
+            ``calibrate_frozen_batchnorm``).
+        settings: the training settings.
+        train: the training slides, as ``sample_tiles`` takes them.
+        sample_tiles: (slides, per slide) -> RGB tiles of those slides.
+        device: where the calibration runs (the model is moved there when it does).
+        calibrate: whether the model has frozen batch-norm statistics to calibrate.
+
+    Yields:
+        Progress: "weights" when weights were loaded, "calibrate" when calibrated.
+
+    Returns:
+        What loading the weights did, or None without weights.
+    """
+    report = None
+    if settings.weights:
+        report = load_weights(model.trunk, settings.weights)
+        yield Progress("weights", 1, 1, report.summary())
+    mean, std = tissue_statistics(sample_tiles(train, settings.normalise_tiles))
+    model.set_normalisation(mean, std)
+    wanted = settings.calibrate_bn if settings.calibrate_bn is not None else not settings.weights
+    if calibrate and wanted:
+        batches = [
+            torch.from_numpy(np.stack(list(sample_tiles([s], settings.normalise_tiles))))
+            for s in train
+        ]
+        n = model.to(device).calibrate_frozen_batchnorm(batches)
+        yield Progress("calibrate", 1, 1, f"frozen trunk BN statistics from {n} tiles")
+    return report
+
+
+def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` moved to ``device`` (channels-last on CUDA)."""
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def class_weights(
+    rule: str, counts: np.ndarray, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Cross-entropy class weights: "balanced" (inverse frequency of ``counts``, 0 for
+    absent classes) or None for "none"."""
+    if rule != "balanced":
+        return None
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / (counts > 0).sum(), 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
+def adam(model: torch.nn.Module, settings: _Settings) -> torch.optim.Adam:
+    """Adam over the trainable parameters at the first epoch's learning rate."""
+    return torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings.learning_rate(0),
+        weight_decay=settings.weight_decay,
+    )
+
+
+TrainEpoch = Callable[[int, np.random.Generator, float], Generator[Progress, None, dict[str, Any]]]
+Validate = Callable[[], tuple[dict[str, Any], float] | None]
+
+
+def run_epochs(
+    run: RunDirectory,
+    settings: _Settings,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_epoch: TrainEpoch,
+    validate: Validate,
+    extra: dict[str, Any],
+    score_name: str,
+) -> Generator[Progress, None, bool]:
+    """Train from ``run.start_epoch`` to ``settings.epochs``, saving every epoch.
+
+    Each epoch draws from its own random streams (numpy ``[seed, epoch]``, torch
+    ``seed * 100003 + epoch``), so a resumed run draws what the uninterrupted one would,
+    and sets the schedule's learning rate. Its log row holds "epoch", "lr", what
+    ``train_epoch`` returned, "seconds" (training time) and what ``validate`` returned.
+
+    Args:
+        run: the run directory (restored where resuming).
+        settings: the training settings.
+        model: the model.
+        optimizer: its optimiser.
+        train_epoch: (epoch, rng, lr) -> a generator of "step" events returning the
+            row's training entries (with "train_loss").
+        validate: () -> the row's validation entries and the epoch's score, or None
+            without validation data (the score is then minus the training loss).
+        extra: the checkpoints' extras (see ``RunDirectory.checkpoint_extra``).
+        score_name: how the "epoch" event's message names the validation score.
+
+    Yields:
+        Progress: what ``train_epoch`` yields, and "epoch" per epoch (data: the log row
+        and the checkpoint).
+
+    Returns:
+        Whether the run stopped early (``settings.max_hours`` passed).
+    """
+    t_start = time.perf_counter()
+    (run.path / "checkpoints").mkdir(exist_ok=True)
+    for epoch in range(run.start_epoch, settings.epochs):
+        t_epoch = time.perf_counter()
+        # per-epoch random streams, so a resumed run draws what the uninterrupted one would
+        rng = np.random.default_rng([settings.seed, epoch])
+        torch.manual_seed(settings.seed * 100_003 + epoch)
+        lr = settings.learning_rate(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        trained = yield from train_epoch(epoch, rng, lr)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            **trained,
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        validated = validate()
+        if validated is None:
+            score = -row["train_loss"]
+            shown = ""
+        else:
+            entries, score = validated
+            row.update(entries)
+            shown = f", {score_name} {score:.2f}"
+        path = run.save_epoch(epoch, row, score, model, optimizer, extra)
+        yield Progress(
+            "epoch",
+            epoch + 1,
+            settings.epochs,
+            f"epoch {epoch + 1}: loss {row['train_loss']:.3f}{shown}",
+            {"row": row, "checkpoint": str(path)},
+        )
+        if settings.max_hours and (time.perf_counter() - t_start) / 3600 > settings.max_hours:
+            return True
+    return False
+
+
+def _write_log(run_dir: Path, log: list[dict[str, Any]]) -> None:
+    """``log.json`` and ``log.csv`` (scalar columns, in order of appearance), atomically."""
+    tmp = run_dir / "log.json.tmp"
+    tmp.write_text(json.dumps(log, indent=1))
+    os.replace(tmp, run_dir / "log.json")
+    keys: list[str] = []
+    for row in log:
+        keys += [k for k in row if k not in keys and not isinstance(row[k], dict | list)]
+    tmp = run_dir / "log.csv.tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(log)
+    os.replace(tmp, run_dir / "log.csv")
+
+
+def _replace_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` over ``target`` atomically."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
