@@ -32,10 +32,6 @@ from torch import nn
 
 from .tile_network import Autocast, TileNetwork, model_device
 
-# older names, used by the training modules
-_Autocast = Autocast
-_model_device = model_device
-
 __all__ = [
     "GridAttention",
     "GridAttentionConfig",

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from ..inference import load_for_inference, predict_pieces, resolve_device
 from ..models.checkpoint import load_model, save_checkpoint
-from ..models.grid_attention import _Autocast
 from ..models.sliding_window import CropClassifier, SlidingWindowConfig, aggregate_tiles
+from ..models.tile_network import Autocast
 from ..progress import Progress, run_to_end
 from ..results import PieceResult, SlideResult
 from ..slide.reader import Slide, open_slide
@@ -444,7 +444,7 @@ def _crop_metrics(
 ) -> Metrics:
     """Crop-level metrics (validation crops, no augmentation)."""
     model.eval()
-    autocast = _Autocast(device, amp)
+    autocast = Autocast(device, amp)
     truth, probs = [], []
     with torch.no_grad():
         for tiles, labels in _batches(crops, sources, batch_size):
@@ -535,7 +535,7 @@ def train_sliding_window(
     val_crops = _draw_crops(
         val, settings, np.random.default_rng([settings.seed, 1_000_003]), lowest, False
     )
-    autocast = _Autocast(device, amp)
+    autocast = Autocast(device, amp)
 
     def train_epoch(
         epoch: int, rng: np.random.Generator, lr: float
