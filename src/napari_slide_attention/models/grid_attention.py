@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tile_network import Autocast, TileNetwork, model_device
+from .tile_network import Autocast, ModelConfig, TileNetwork, model_device
 
 __all__ = [
     "GridAttention",
@@ -44,7 +43,7 @@ MODEL_KIND = "grid-attention"
 
 
 @dataclass
-class GridAttentionConfig:
+class GridAttentionConfig(ModelConfig):
     """Sizes and settings of a grid-attention model (saved with every checkpoint).
 
     Attributes:
@@ -101,26 +100,6 @@ class GridAttentionConfig:
             raise ValueError("tile_um must be positive and input_px at least 16")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need 3 values, std positive")
-
-    @property
-    def risk(self) -> tuple[int, ...]:
-        """Class indices from lowest to highest risk."""
-        return self.risk_order or tuple(range(len(self.classes)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON-ready values."""
-        data = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GridAttentionConfig:
-        """Settings from ``to_dict`` output (unknown keys are an error)."""
-        data = {k: v for k, v in data.items() if k != "kind"}
-        names = {f.name for f in cls.__dataclass_fields__.values() if f.init}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown grid-attention settings: {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass

@@ -14,14 +14,13 @@ and minimum tile counts that training tunes on the validation split.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .tile_network import Autocast, TileNetwork, model_device
+from .tile_network import Autocast, ModelConfig, TileNetwork, model_device
 
 __all__ = ["MODEL_KIND", "CropClassifier", "SlidingWindowConfig", "aggregate_tiles"]
 
@@ -29,7 +28,7 @@ MODEL_KIND = "sliding-window"
 
 
 @dataclass
-class SlidingWindowConfig:
+class SlidingWindowConfig(ModelConfig):
     """Sizes and settings of a sliding-window crop classifier (saved with every checkpoint).
 
     Attributes:
@@ -87,26 +86,6 @@ class SlidingWindowConfig:
         self.thresholds = tuple(float(v) for v in self.thresholds) or (0.5,) * n
         self.min_counts = tuple(int(v) for v in self.min_counts) or (1,) * n
         _check_rule(self.thresholds, self.min_counts, n)
-
-    @property
-    def risk(self) -> tuple[int, ...]:
-        """Class indices from lowest to highest risk."""
-        return self.risk_order or tuple(range(len(self.classes)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON-ready values."""
-        data = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SlidingWindowConfig:
-        """Settings from ``to_dict`` output (unknown keys are an error)."""
-        data = {k: v for k, v in data.items() if k != "kind"}
-        names = {f.name for f in cls.__dataclass_fields__.values() if f.init}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown sliding-window settings: {', '.join(unknown)}")
-        return cls(**data)
 
 
 def _check_rule(thresholds: Sequence[float], min_counts: Sequence[int], n_classes: int) -> None:

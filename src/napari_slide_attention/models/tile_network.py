@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,7 +18,32 @@ from torch import nn
 
 from .preact_resnet import PreActResNet, preact_resnet18
 
-__all__ = ["Autocast", "TileNetwork", "model_device"]
+__all__ = ["Autocast", "ModelConfig", "TileNetwork", "model_device"]
+
+
+class ModelConfig:
+    """What the model configs share (dataclasses with ``classes``, ``risk_order`` and a
+    non-init ``kind``): the risk order and a JSON round trip that refuses unknown keys."""
+
+    @property
+    def risk(self) -> tuple[int, ...]:
+        """Class indices from lowest to highest risk."""
+        return self.risk_order or tuple(range(len(self.classes)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Settings from ``to_dict`` output (unknown keys are an error)."""
+        data = {k: v for k, v in data.items() if k != "kind"}
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(data) - {f.name for f in fields.values() if f.init})
+        if unknown:
+            raise ValueError(f"unknown {fields['kind'].default} settings: {', '.join(unknown)}")
+        return cls(**data)
 
 
 class Autocast:
