@@ -26,6 +26,7 @@ __all__ = [
     "PreActBlock",
     "PreActResNet",
     "WeightsError",
+    "preact_resnet8",
     "WeightsReport",
     "load_weights",
     "preact_resnet18",
@@ -144,6 +145,17 @@ class PreActResNet(nn.Module):
 def preact_resnet18(**kwargs) -> PreActResNet:
     """Pre-activation ResNet-18 trunk, 512 pooled features per image."""
     return PreActResNet((2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
+
+
+def preact_resnet8(width: int = 32, **kwargs) -> PreActResNet:
+    """Small pre-activation ResNet-8 (stem, three one-block stages of ``width`` channels).
+
+    The tile feature network of attention sampling (Katharopoulos & Fleuret 2019), which
+    the dual-attention paper reuses: "a residual network with 8 layers and 32 channels"
+    (1 stem convolution + 3 blocks x 2 convolutions + the classifier's linear layer).
+    """
+    kwargs.setdefault("stem_channels", width)
+    return PreActResNet((1, 1, 1), (width, width, width), **kwargs)
 
 
 @dataclass
