@@ -219,6 +219,9 @@ _TRAIN_OPTIONS = (
     "device",
     "seed",
     "batch_size",
+    "mode",
+    "sampler",
+    "n_tiles",
 )
 
 
@@ -281,6 +284,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         settings = _settings(GridTrainSettings, args)
         work = train_grid(
+            cohort, args.out, settings, resume=not args.no_resume, tissue=tissue, init=args.init
+        )
+    elif args.model == "dual":
+        from .train.dual import DualTrainSettings, train_dual
+
+        settings = _settings(DualTrainSettings, args)
+        work = train_dual(
             cohort, args.out, settings, resume=not args.no_resume, tissue=tissue, init=args.init
         )
     else:
@@ -441,13 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--n-pieces", type=int, help="tissue pieces per slide (default 1-3)")
     cohort.set_defaults(func=cmd_synth_cohort)
 
-    train = sub.add_parser("train", help="train a model on a cohort (grid or sliding-window)")
-    train.add_argument("model", choices=("grid", "sliding-window"))
+    train = sub.add_parser("train", help="train a model on a cohort (grid, dual, sliding-window)")
+    train.add_argument("model", choices=("grid", "dual", "sliding-window"))
     train.add_argument("--cohort", required=True, help="cohort CSV (slide,label,split,...)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs")
     train.add_argument("--classes", help="class names, lowest to highest risk, comma-separated")
     train.add_argument("--epochs", type=int)
     train.add_argument("--lr", type=float, help="initial learning rate")
+    train.add_argument("--mode", choices=("joint", "soft", "hard"), help="dual: what trains")
+    train.add_argument(
+        "--sampler", choices=("attention", "random"), help="dual: tile sampling (random = baseline)"
+    )
+    train.add_argument("--n-tiles", type=int, help="dual: tiles sampled per slide (10)")
     train.add_argument("--samples-per-step", type=int, help="grid: pieces per optimiser step")
     train.add_argument("--batch-size", type=int, help="sliding window: crops per step")
     train.add_argument("--n-maps", type=int, help="grid: attention maps (64)")
@@ -456,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--chunk-tiles", type=int, help="tiles per forward chunk")
     train.add_argument("--trainable-blocks", type=int, help="trunk stages that train")
     train.add_argument("--weights", help="pretrained trunk weights (local file)")
-    train.add_argument("--init", help="grid: start from this checkpoint (fine-tune)")
+    train.add_argument("--init", help="grid, dual: start from this checkpoint (fine-tune)")
     train.add_argument("--device", help="auto, cpu or cuda")
     train.add_argument("--amp", action="store_true", help="mixed precision")
     train.add_argument("--seed", type=int)

@@ -380,7 +380,8 @@ def predict(
     slide: Slide | str | os.PathLike,
     **options: Any,
 ) -> Generator[Progress, None, SlideResult]:
-    """``predict_slide`` for any model kind: grid attention or the sliding window.
+    """``predict_slide`` for any model kind: grid attention, dual attention or the sliding
+    window.
 
     Args:
         model: a model, or a checkpoint path (its kind decides).
@@ -394,8 +395,16 @@ def predict(
         model, checkpoint = load_any(model, options.get("device", "auto"))
         options.setdefault("checkpoint", str(checkpoint.path))
     checkpoint = options.pop("checkpoint", None)
+    from .models.dual_attention import DualAttention
+
     if isinstance(model, GridAttention):
         result = yield from predict_slide(model, slide, **options)
+    elif isinstance(model, DualAttention):
+        from .train.dual import predict_slide_dual
+
+        for name in ("aggregation", "chunk_tiles", "min_tissue", "pieces"):
+            options.pop(name, None)
+        result = yield from predict_slide_dual(model, slide, **options)
     else:
         from .train.sliding_window import predict_slide_sliding_window
 

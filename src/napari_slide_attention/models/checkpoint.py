@@ -204,7 +204,7 @@ def load_model(
 
 def _ensure_registered() -> None:
     # Model modules register themselves on import; import the known ones lazily.
-    from . import grid_attention, sliding_window  # noqa: F401
+    from . import dual_attention, grid_attention, sliding_window  # noqa: F401
 
 
 # -- training state -----------------------------------------------------------------------

@@ -31,9 +31,12 @@ from ..slide.tissue import TileGrid, TissueMask, TissueParams, tile_grid, tissue
 __all__ = [
     "Augmentation",
     "PieceSample",
+    "SlideView",
     "box_cells",
     "piece_label",
     "read_level_for",
+    "read_tiles",
+    "read_view",
     "slide_pieces",
     "tile_chunks",
     "tissue_statistics",
@@ -389,3 +392,96 @@ def tissue_statistics(
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-8))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+@dataclass(frozen=True)
+class SlideView:
+    """A whole slide at low power with its tissue mask (the dual model's soft-attention input).
+
+    Attributes:
+        image: (h, w, 3) uint8, the slide at ``downsample``.
+        tissue: (h, w) bool tissue mask on the same pixels.
+        downsample: level-0 px per view px (the same on both axes).
+    """
+
+    image: np.ndarray
+    tissue: np.ndarray
+    downsample: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(h, w) of the view."""
+        return self.image.shape[:2]  # type: ignore[return-value]
+
+
+def read_view(
+    slide: Slide,
+    downsample: float = 32.0,
+    *,
+    tissue: TissueParams | None = None,
+    mask: TissueMask | None = None,
+) -> SlideView:
+    """The slide at ``downsample`` (the dual-attention paper's 2.5x view: x32 from 40x) and
+    its tissue mask, ``ceil(level-0 size / downsample)`` px on each side.
+
+    Read from the finest level not finer than needed (never up-sampled from a coarser
+    one) and resized with antialiasing; the tissue mask (``tissue_mask``, or ``mask``)
+    is resampled onto the view's pixels by their level-0 position.
+
+    Raises:
+        ValueError: ``downsample`` is not positive, or the view would be empty.
+    """
+    if not downsample > 0:
+        raise ValueError(f"the view's downsample must be positive, got {downsample}")
+    width, height = slide.dimensions
+    out_h, out_w = max(1, math.ceil(height / downsample)), max(1, math.ceil(width / downsample))
+    level = 0
+    for info in slide.level_info:
+        if (
+            info.downsample <= downsample * 1.001
+            and info.downsample >= slide.level_info[level].downsample
+        ):
+            level = info.index
+    pixels = slide.read_region(level, 0, 0, width, height)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    image = _resize_uint8(pixels[..., :3], (out_h, out_w))
+    mask = mask if mask is not None else tissue_mask(slide, tissue)
+    return SlideView(
+        image, mask.resize_to((out_h, out_w), downsample=downsample), float(downsample)
+    )
+
+
+def read_tiles(slide: Slide, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Level-0 boxes read at the level closest to ``size`` px and resized to ``size`` square.
+
+    Args:
+        slide: the opened slide.
+        boxes: (N, 4) level-0 (x, y, w, h), all squares of one size.
+        size: output edge in px.
+
+    Returns:
+        (N, size, size, 3) uint8; parts outside the slide are the slide's fill (glass).
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    out = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+    if not len(boxes):
+        return out
+    level = read_level_for(slide, int(boxes[0, 2]), size)
+    for i, (x, y, w, h) in enumerate(boxes.tolist()):
+        pixels = slide.read_region(level, x, y, w, h)
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[..., None], 3, axis=2)
+        out[i] = _resize_uint8(pixels[..., :3], (size, size))
+    return out
+
+
+def _resize_uint8(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 resized to ``shape`` with antialiasing (area-like when shrinking)."""
+    if pixels.shape[:2] == tuple(shape):
+        return np.ascontiguousarray(pixels)
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float()
+    t = torch.nn.functional.interpolate(
+        t, size=shape, mode="bilinear", antialias=True, align_corners=False
+    )
+    return t[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()

@@ -397,7 +397,8 @@ def run_epochs(
         torch.manual_seed(settings.seed * 100_003 + epoch)
         lr = settings.learning_rate(epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            # a group may run at a fixed multiple of the schedule (the dual model's parts)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         trained = yield from train_epoch(epoch, rng, lr)
         row: dict[str, Any] = {
             "epoch": epoch,
