@@ -492,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--slide", required=True)
     predict.add_argument("--out", required=True, help="result folder (result.json + zarr)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    predict.add_argument("--aggregation", choices=("highest-risk", "mean", "max"))
+    predict.add_argument(
+        "--aggregation",
+        choices=("highest-risk", "mean", "max", "thresholds", "top-k-mean"),
+        help="grid: how pieces make the call; sliding window: thresholds or top-k-mean",
+    )
     predict.add_argument("--amp", action="store_true", help="mixed precision")
     predict.add_argument("--mpp", type=float, help="override the slide's µm per pixel")
     predict.add_argument("--json", action="store_true")

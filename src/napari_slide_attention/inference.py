@@ -408,7 +408,8 @@ def predict(
     else:
         from .train.sliding_window import predict_slide_sliding_window
 
-        options.pop("aggregation", None)
+        if options.get("aggregation") not in (None, "thresholds", "top-k-mean"):
+            options.pop("aggregation")  # a grid-attention rule: not the baseline's
         result = yield from predict_slide_sliding_window(model, slide, **options)
     if checkpoint:
         result.model["checkpoint"] = checkpoint

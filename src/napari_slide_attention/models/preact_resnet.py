@@ -26,9 +26,9 @@ __all__ = [
     "PreActBlock",
     "PreActResNet",
     "WeightsError",
-    "preact_resnet8",
     "WeightsReport",
     "load_weights",
+    "preact_resnet8",
     "preact_resnet18",
     "read_state_dict",
 ]

@@ -71,9 +71,11 @@ from .loop import (
 from .metrics import Metrics, evaluate
 
 __all__ = [
+    "SLIDE_AGGREGATIONS",
     "SlidingWindowSettings",
     "TunedRule",
     "predict_slide_sliding_window",
+    "top_k_mean",
     "train_sliding_window",
     "tune_thresholds",
 ]
@@ -785,6 +787,8 @@ def predict_slide_sliding_window(
     amp: bool | None = None,
     mpp: float | None = None,
     pieces: Sequence[PieceSample] | None = None,
+    aggregation: str = "thresholds",
+    top_k: int = 15,
 ) -> Generator[Progress, None, SlideResult]:
     """Run the sliding-window baseline on a slide, piece by piece.
 
@@ -802,6 +806,11 @@ def predict_slide_sliding_window(
         amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = where it is native.
         mpp: pixel size override for slides without one.
         pieces: the samples to run (default: all tissue pieces of the slide).
+        aggregation: "thresholds" (the rule tuned on the validation split, Tomita et
+            al.'s baseline) or "top-k-mean" (Raza et al.'s baseline: per class the mean of
+            the ``top_k`` highest tile probabilities, renormalised; the class with the
+            highest).
+        top_k: tiles per class for "top-k-mean" (the paper: 15).
 
     Yields:
         Progress events: "tissue", then one "piece" per piece (data: "piece" holds the
@@ -809,8 +818,12 @@ def predict_slide_sliding_window(
         off tissue, and whose ``info["call"]`` is the rule's class index).
 
     Returns:
-        The slide's result (aggregation "thresholds").
+        The slide's result (aggregation "thresholds" or "top-15-mean").
     """
+    if aggregation not in SLIDE_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {SLIDE_AGGREGATIONS}, got {aggregation!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
     run = load_for_inference(
         model,
         device,
@@ -847,10 +860,13 @@ def predict_slide_sliding_window(
     def finish(results: list[PieceResult]) -> tuple[np.ndarray, int, str, dict[str, Any]]:
         """The rule on all the slide's tiles."""
         tiles = np.concatenate(every_tile)  # (N, C) over the whole slide
+        info = {"tiles_over_threshold": _over_threshold(tiles, config)}
+        if aggregation == "top-k-mean":
+            probabilities, predicted = top_k_mean(tiles, top_k)
+            return probabilities, predicted, f"top-{top_k}-mean", info
         probabilities, predicted = aggregate_tiles(
             tiles, config.thresholds, config.min_counts, config.risk
         )
-        info = {"tiles_over_threshold": _over_threshold(tiles, config)}
         return probabilities, predicted, "thresholds", info
 
     return (
@@ -867,6 +883,27 @@ def predict_slide_sliding_window(
             pieces=pieces,
         )
     )
+
+
+SLIDE_AGGREGATIONS = ("thresholds", "top-k-mean")
+
+
+def top_k_mean(tile_probabilities: np.ndarray, k: int = 15) -> tuple[np.ndarray, int]:
+    """Raza et al.'s sliding-window slide score: per class the mean of its ``k`` highest
+    tile probabilities (all tiles when fewer), renormalised to sum to 1; the slide's class
+    is the highest.
+
+    Args:
+        tile_probabilities: (N, C) tile class probabilities.
+        k: tiles per class.
+    """
+    probs = np.asarray(tile_probabilities, dtype=np.float64)
+    if probs.ndim != 2 or not len(probs):
+        raise ValueError(f"need (N, C) tile probabilities with N >= 1, got shape {probs.shape}")
+    top = -np.sort(-probs, axis=0)[: min(k, len(probs))]  # (k, C), highest first per class
+    score = top.mean(0)
+    score = score / score.sum()
+    return score.astype(np.float32), int(score.argmax())
 
 
 def _over_threshold(probs: np.ndarray, config: SlidingWindowConfig) -> dict[str, int]:
