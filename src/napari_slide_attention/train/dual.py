@@ -29,7 +29,6 @@ probability of that class (the paper's HER2 confidence).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Generator, Sequence
@@ -374,25 +373,27 @@ def _prepare(
 
 
 def _mixed_steps(labels: Sequence[int], per_step: int, rng: np.random.Generator) -> list[list[int]]:
-    """An epoch's steps: ``per_step`` slide indices each, the classes taken in turn (so a
-    step of 4 holds 4 classes where there are 4), every slide used once per epoch at least."""
+    """An epoch's steps of ``per_step`` slide indices: the classes taken in turn (so a step
+    of 4 holds 4 classes where there are 4), each class's slides in a shuffled order, until
+    every slide has been used (the classes with fewer slides then repeat some)."""
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(labels):
         by_class.setdefault(int(c), []).append(i)
-    queues = {c: list(rng.permutation(v)) for c, v in by_class.items()}
-    n_steps = math.ceil(len(labels) / per_step)
-    steps = []
-    classes = list(by_class)
+    classes = [int(c) for c in rng.permutation(sorted(by_class))]
+    queues = {c: [int(i) for i in rng.permutation(by_class[c])] for c in classes}
+    unused = set(range(len(labels)))
+    steps: list[list[int]] = []
     turn = 0
-    for _ in range(n_steps):
-        order = [classes[(turn + j) % len(classes)] for j in range(len(classes))]
-        turn += per_step
+    while unused:
         step = []
-        for j in range(per_step):
-            c = order[j % len(order)]
+        for _ in range(per_step):
+            c = classes[turn % len(classes)]
+            turn += 1
             if not queues[c]:
-                queues[c] = list(rng.permutation(by_class[c]))
-            step.append(int(queues[c].pop()))
+                queues[c] = [int(i) for i in rng.permutation(by_class[c])]
+            index = queues[c].pop()
+            unused.discard(index)
+            step.append(index)
         steps.append(step)
     return steps
 

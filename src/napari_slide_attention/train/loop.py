@@ -190,7 +190,13 @@ class RunDirectory:
         state = load_training_state(self.state_file, optimizer)
         previous = read_checkpoint(self.last)
         model.load_state_dict(previous.tensors, strict=True)
-        model.set_normalisation(previous.config["mean"], previous.config["std"])
+        config = previous.config
+        mean, std = config.get("mean"), config.get("std")
+        if mean is None and isinstance(config.get("hard"), dict):
+            # the dual model keeps its normalisation with its hard-attention part
+            mean, std = config["hard"].get("mean"), config["hard"].get("std")
+        if mean is not None:
+            model.set_normalisation(mean, std)
         self.start_epoch = int(state["epoch"]) + 1
         self.best_score = float(state.get("best_score", -math.inf))
         log_file = self.path / "log.json"
