@@ -1,0 +1,313 @@
+"""The dual-attention needle benchmark: dual attention against random sampling and the
+sliding window on synthetic needle-in-a-haystack slides.
+
+The cohort is the needle benchmark's (``benchmarks/needle.py``: ``COHORT`` and
+``PER_CLASS``, fixed before any model ran; the slides are shared in ``--dir``). Then:
+
+1. dual attention (Raza et al.) trains on slide labels only, its parts separately (the
+   paper trains them "separately and together"): first the soft attention on the x32
+   view (``--soft-epochs``, L_SA through the expectation over sampled tiles), then the
+   hard attention on the N tiles sampled where it attends (``--epochs``, T glimpses per
+   tile); ``--joint`` trains both at once with L_J = L_HA + α^e·L_SA instead;
+2. the random-sampling baseline trains the same hard-attention classifier on N tiles
+   drawn uniformly inside the tissue (the paper's baseline), for the same epochs;
+3. the sliding window: the needle benchmark's crop classifier (``run-sliding-window`` in
+   ``--dir``, trained with the lesion boxes) with the paper's slide score, the mean of
+   the top-15 tile probabilities per class;
+4. on the test slides: F1 (macro over the four classes) and AUROC (macro one-vs-rest), in
+   the layout of the paper's Table II, and how often the sampled tiles hit a lesion box
+   against tiles drawn uniformly in the tissue (the expected hit rate of the random
+   sampler, from ``--random-draws`` draws per slide).
+
+Targets: sampled tiles hit lesion boxes >= 5 x as often as random tiles in tissue; dual
+F1 >= random-sampling F1 + 0.10.
+
+Run (CPU, about 15-25 minutes with the defaults; the needle benchmark's slides and its
+sliding-window run are reused when present)::
+
+    .venv/bin/python benchmarks/dual_needle.py --json data/bench/dual_needle.json
+
+Settings for a GPU: the paper's sizes, ``--set tile_um=512 --hard glimpse_px=128
+--hard tile_px=2048 --hard glimpses=6 --set n_tiles=10 --set feature_px=128`` on 40x
+slides (here 0.5 µm/px slides: ``tile_um=256``), more epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from napari_slide_attention.models.checkpoint import load_model
+from napari_slide_attention.models.sampling import random_tiles
+from napari_slide_attention.progress import run_to_end
+from napari_slide_attention.slide.reader import open_slide
+from napari_slide_attention.train.cohort import make_synthetic_cohort
+from napari_slide_attention.train.data import read_view, tile_edge_px
+from napari_slide_attention.train.dual import (
+    DualTrainSettings,
+    predict_slide_dual,
+    train_dual,
+)
+from napari_slide_attention.train.metrics import evaluate
+from napari_slide_attention.train.sliding_window import predict_slide_sliding_window
+from needle import COHORT, PER_CLASS
+
+# The dual model's settings for 0.5 µm/px synthetic slides on a CPU (fixed before the
+# first run; the paper's values are the defaults of DualTrainSettings): the x32 view with
+# max-pooling 4 (attention cells of 128 level-0 px), 8 tiles of 128 µm (256 px) read at
+# 128 px, 4 glimpses of 32 px at two magnifications. The entropy regulariser's β is 0.01
+# (the paper: 1): with β = 1 the entropy term outweighs the classification term and the
+# attention stays uniform over the tissue (a joint run's soft loss stayed at -4.06 for
+# 9 epochs).
+DUAL = {
+    "view_downsample": 32.0,
+    "soft": {"pool": 4, "entropy_weight": 0.01},
+    "n_tiles": 8,
+    "tile_um": 128.0,
+    "feature_px": 64,
+    "hard": {
+        "glimpses": 4,
+        "glimpse_px": 32,
+        "tile_px": 128,
+        "context_px": 64,
+        "feature": 128,
+        "hidden": [128, 64],
+        "glimpse_channels": [16, 32, 64],
+        "context_channels": [8, 16, 32],
+    },
+    "seed": 0,
+}
+TARGET_HIT_RATIO = 5.0
+TARGET_F1_GAIN = 0.10
+
+
+def _overlaps(box: np.ndarray, lesions) -> bool:
+    x, y, w, h = (int(v) for v in box)
+    for (lx, ly, lw, lh), _ in lesions:
+        if x < lx + lw and lx < x + w and y < ly + lh and ly < y + h:
+            return True
+    return False
+
+
+def random_hit_rate(entry, config, draws: int, seed: int) -> float:
+    """Expected share of uniformly drawn tissue tiles that overlap a lesion box."""
+    with open_slide(entry.slide) as slide:
+        view = read_view(slide, config.view_downsample)
+        tile_px = tile_edge_px(slide, config.tile_um)
+        size = slide.dimensions
+    pool = config.soft_config().pool
+    # the soft attention's tissue cells (majority of the cell's view pixels)
+    h, w = view.tissue.shape
+    gh, gw = -(-h // pool), -(-w // pool)
+    padded = np.zeros((gh * pool, gw * pool), dtype=float)
+    padded[:h, :w] = view.tissue
+    counts = np.zeros((gh * pool, gw * pool), dtype=float)
+    counts[:h, :w] = 1
+    frac = padded.reshape(gh, pool, gw, pool).sum((1, 3)) / np.maximum(
+        counts.reshape(gh, pool, gw, pool).sum((1, 3)), 1
+    )
+    tissue = frac >= 0.5
+    rng = np.random.default_rng(seed)
+    hits, total = 0, 0
+    for _ in range(draws):
+        picked = random_tiles(
+            tissue,
+            config.n_tiles,
+            cell_size=view.downsample * pool,
+            rng=rng,
+            tile_size=tile_px,
+            slide_size=size,
+        )
+        hits += sum(_overlaps(b, entry.lesions) for b in picked.boxes)
+        total += len(picked.boxes)
+    return hits / max(total, 1)
+
+
+def _progress(name: str):
+    def show(event) -> None:
+        if event.stage in ("epoch", "resume"):
+            print(f"  {name}: {event.message}", flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path("data/bench/needle"))
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="hard-attention epochs per model (same budget)"
+    )
+    parser.add_argument("--soft-epochs", type=int, default=100, help="soft attention first")
+    parser.add_argument("--joint", action="store_true", help="train dual jointly instead")
+    parser.add_argument("--per-class", nargs="+", default=None, metavar="SPLIT=N")
+    parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --dir")
+    parser.add_argument("--random-draws", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--hard", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    per = dict(PER_CLASS)
+    for item in args.per_class or ():
+        split, _, n = item.partition("=")
+        per[split] = int(n)
+    dual = json.loads(json.dumps(DUAL))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        dual[key] = json.loads(value)
+    for item in args.hard:
+        key, _, value = item.partition("=")
+        dual["hard"][key] = json.loads(value)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"python {platform.python_version()}, device {args.device}"
+    )
+    t0 = time.perf_counter()
+    cohort = make_synthetic_cohort(args.dir / "slides", slides_per_class=per, **COHORT)
+    print(f"cohort: {len(cohort)} slides {cohort.counts()} ({time.perf_counter() - t0:.0f} s)")
+
+    soft_dir = args.dir / "run-dual-soft"
+    if args.joint:
+        dual_settings = DualTrainSettings(
+            epochs=args.epochs, device=args.device, mode="joint", **dual
+        )
+    else:
+        dual_settings = DualTrainSettings(
+            epochs=args.epochs, device=args.device, mode="hard", **dual
+        )
+        if not args.skip_train:
+            soft = DualTrainSettings(
+                epochs=args.soft_epochs, device=args.device, mode="soft", **dual
+            )
+            t = time.perf_counter()
+            summary = run_to_end(train_dual(cohort, soft_dir, soft), _progress("soft attention"))
+            print(
+                f"soft attention: {summary.epochs_done} epochs in "
+                f"{(time.perf_counter() - t) / 60:.1f} min -> {summary.last}"
+            )
+    runs = {
+        "dual attention": (args.dir / "run-dual", dual_settings, "attention"),
+        "random sampling": (
+            args.dir / "run-random-sampling",
+            DualTrainSettings(
+                epochs=args.epochs, device=args.device, mode="hard", sampler="random", **dual
+            ),
+            "random",
+        ),
+    }
+    trained = {}
+    for name, (run_dir, settings, sampler) in runs.items():
+        t = time.perf_counter()
+        if not args.skip_train:
+            init = (
+                soft_dir / "last.safetensors"
+                if name == "dual attention" and not args.joint
+                else None
+            )
+            summary = run_to_end(train_dual(cohort, run_dir, settings, init=init), _progress(name))
+            print(
+                f"{name}: {summary.epochs_done} epochs in {(time.perf_counter() - t) / 60:.1f} "
+                f"min -> {summary.best}"
+            )
+        trained[name] = (run_dir / "best.safetensors", sampler)
+
+    test = cohort.split("test")
+    report: dict = {"cohort": {**COHORT, "per_class": per}, "dual": dual, "models": {}}
+    table = {}
+    hit_rates = {}
+    for name, (path, sampler) in trained.items():
+        model, checkpoint = load_model(path, "cpu")
+        truth, preds, probs, hits = [], [], [], []
+        t = time.perf_counter()
+        for k, entry in enumerate(test):
+            result = run_to_end(predict_slide_dual(model, entry.slide, sampler=sampler, seed=k))
+            truth.append(entry.label)
+            preds.append(result.predicted)  # the most frequent tile class
+            probs.append(result.probabilities.astype(np.float64))
+            if entry.lesions:
+                boxes = result.arrays["tile_boxes"]
+                hits.append(np.mean([_overlaps(b, entry.lesions) for b in boxes]))
+        p = np.stack(probs)
+        table[name] = evaluate(truth, preds, p / p.sum(1, keepdims=True), classes=cohort.classes)
+        hit_rates[name] = float(np.mean(hits)) if hits else float("nan")
+        report["models"][name] = {
+            "metrics": table[name].to_dict(),
+            "hit_rate": hit_rates[name],
+            "epochs": checkpoint.extra.get("epoch", -1) + 1,
+            "test_seconds": time.perf_counter() - t,
+        }
+
+    sw_path = args.dir / "run-sliding-window" / "best.safetensors"
+    if sw_path.exists():
+        model, _ = load_model(sw_path, "cpu")
+        truth, preds, probs = [], [], []
+        t = time.perf_counter()
+        for entry in test:
+            result = run_to_end(
+                predict_slide_sliding_window(model, entry.slide, aggregation="top-k-mean")
+            )
+            truth.append(entry.label)
+            preds.append(result.predicted)
+            probs.append(result.probabilities.astype(np.float64))
+        p = np.stack(probs)
+        table["sliding window (top-15 mean)"] = evaluate(
+            truth, preds, p / p.sum(1, keepdims=True), classes=cohort.classes
+        )
+        report["models"]["sliding window (top-15 mean)"] = {
+            "metrics": table["sliding window (top-15 mean)"].to_dict(),
+            "checkpoint": str(sw_path),
+            "test_seconds": time.perf_counter() - t,
+        }
+    else:
+        print(f"sliding window: {sw_path} not found (run benchmarks/needle.py first); skipped")
+
+    # the random sampler's expected hit rate on the dual model's geometry
+    config = load_model(trained["dual attention"][0], "cpu")[0].config
+    chance = float(
+        np.mean(
+            [
+                random_hit_rate(e, config, args.random_draws, k)
+                for k, e in enumerate(test)
+                if e.lesions
+            ]
+        )
+    )
+    report["random_hit_rate_expected"] = chance
+
+    print()
+    print(f"{'method':<30}{'F1 (macro)':>12}{'AUROC':>8}{'lesion hits':>13}")
+    for name, metrics in table.items():
+        hit = hit_rates.get(name)
+        shown = f"{hit:13.3f}" if hit is not None else f"{'-':>13}"
+        auroc = metrics.auroc if metrics.auroc is not None else float("nan")
+        print(f"{name:<30}{metrics.mean.f1:12.2f}{auroc:8.2f}{shown}")
+    print(f"{'uniform tiles in tissue':<30}{'':>12}{'':>8}{chance:13.3f}  (expected)")
+    ratio = hit_rates["dual attention"] / max(chance, 1e-9)
+    gain = table["dual attention"].mean.f1 - table["random sampling"].mean.f1
+    checks = [
+        ("sampled tiles' lesion hits / random", ratio, TARGET_HIT_RATIO),
+        ("dual F1 - random-sampling F1", gain, TARGET_F1_GAIN),
+    ]
+    print()
+    for label, value, target in checks:
+        verdict = "PASS" if value >= target else "FAIL"
+        print(f"{label:<38} {value:6.2f}  (target >= {target})  {verdict}")
+    report["checks"] = [{"name": n, "value": v, "target": t, "pass": v >= t} for n, v, t in checks]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if all(v >= t for _, v, t in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
