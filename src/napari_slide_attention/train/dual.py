@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.checkpoint import CheckpointError, read_checkpoint
+from ..inference import resolve_device
 from ..models.dual_attention import DualAttention, DualAttentionConfig
 from ..models.hard_attention import hard_attention_loss
 from ..models.sampling import random_tiles, sample_tiles, sample_without_replacement
@@ -49,7 +49,15 @@ from ..slide.reader import Slide, open_slide
 from ..slide.tissue import TissueParams, tissue_mask
 from .cohort import Cohort
 from .data import SlideView, read_tiles, read_view, tile_edge_px, tissue_statistics
-from .loop import RunDirectory, SettingsRecord, TrainSummary, class_weights, on_device, run_epochs
+from .loop import (
+    RunDirectory,
+    SettingsRecord,
+    TrainSummary,
+    class_weights,
+    load_init,
+    on_device,
+    run_epochs,
+)
 from .metrics import evaluate
 
 __all__ = [
@@ -463,11 +471,7 @@ def train_dual(
         "init": str(init) if init else None,
     }
     run = RunDirectory(run_dir, record, resume=resume)
-    device = torch.device(
-        "cuda"
-        if settings.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if settings.device == "auto" else settings.device)
-    )
+    device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     config = settings.model_config(classes)
     train = yield from _prepare(cohort, "train", settings, tissue)
@@ -479,10 +483,7 @@ def train_dual(
         raise ValueError(f"the training slides hold only class(es) {[classes[c] for c in present]}")
     model = DualAttention(config)
     if init is not None:
-        base = read_checkpoint(init)
-        if base.kind != config.kind or tuple(base.config.get("classes", ())) != classes:
-            raise CheckpointError(init, "is not a dual-attention model for this cohort's classes")
-        model.load_state_dict(base.tensors, strict=True)
+        load_init(model, init, config.kind, classes)
     else:
         rng = np.random.default_rng([settings.seed, 10**6])
         mean, std = tissue_statistics(_normalisation_tiles(train, settings, rng))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.checkpoint import CheckpointError, read_checkpoint
+from ..inference import resolve_device
 from ..models.grid_attention import GridAttention, GridAttentionConfig
 from ..progress import Progress
 from ..slide.reader import open_slide
@@ -50,6 +50,7 @@ from .loop import (
     adam,
     class_weights,
     initialise,
+    load_init,
     on_device,
     run_epochs,
 )
@@ -285,11 +286,7 @@ def train_grid(
     }
     run = RunDirectory(run_dir, record, resume=resume)
 
-    device = torch.device(
-        "cuda"
-        if settings.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if settings.device == "auto" else settings.device)
-    )
+    device = resolve_device(settings.device)
     amp = settings.amp if settings.amp is not None else device.type == "cuda"
     torch.manual_seed(settings.seed)
     config = settings.model_config(classes)
@@ -307,11 +304,7 @@ def train_grid(
     model = GridAttention(config)
     report = None
     if init is not None:
-        base = read_checkpoint(init)
-        if base.kind != config.kind or tuple(base.config.get("classes", ())) != classes:
-            raise CheckpointError(init, "is not a grid-attention model for this cohort's classes")
-        model.load_state_dict(base.tensors, strict=True)
-        model.set_normalisation(base.config["mean"], base.config["std"])
+        load_init(model, init, config.kind, classes)
     else:
         report = yield from initialise(model, settings, train, _sample_tiles, device)
     model = on_device(model, device)

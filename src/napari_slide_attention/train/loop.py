@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..models.checkpoint import (
+    CheckpointError,
     load_training_state,
     read_checkpoint,
     save_checkpoint,
@@ -48,6 +49,7 @@ __all__ = [
     "adam",
     "class_weights",
     "initialise",
+    "load_init",
     "on_device",
     "run_epochs",
 ]
@@ -190,13 +192,7 @@ class RunDirectory:
         state = load_training_state(self.state_file, optimizer)
         previous = read_checkpoint(self.last)
         model.load_state_dict(previous.tensors, strict=True)
-        config = previous.config
-        mean, std = config.get("mean"), config.get("std")
-        if mean is None and isinstance(config.get("hard"), dict):
-            # the dual model keeps its normalisation with its hard-attention part
-            mean, std = config["hard"].get("mean"), config["hard"].get("std")
-        if mean is not None:
-            model.set_normalisation(mean, std)
+        _restore_normalisation(model, previous.config)
         self.start_epoch = int(state["epoch"]) + 1
         self.best_score = float(state.get("best_score", -math.inf))
         log_file = self.path / "log.json"
@@ -279,6 +275,31 @@ class RunDirectory:
             self.log,
             stopped_early,
         )
+
+
+def _restore_normalisation(model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """A checkpoint config's normalisation into ``model`` (its weights already loaded)."""
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None and isinstance(config.get("hard"), dict):
+        # the dual model keeps its normalisation with its hard-attention part
+        mean, std = config["hard"].get("mean"), config["hard"].get("std")
+    if mean is not None:
+        model.set_normalisation(mean, std)
+
+
+def load_init(
+    model: torch.nn.Module, init: str | os.PathLike, kind: str, classes: Sequence[str]
+) -> None:
+    """Start ``model`` from a checkpoint (fine-tuning): its weights and normalisation.
+
+    Raises:
+        CheckpointError: the checkpoint holds another kind of model or other classes.
+    """
+    base = read_checkpoint(init)
+    if base.kind != kind or tuple(base.config.get("classes", ())) != tuple(classes):
+        raise CheckpointError(init, f"is not a {kind} model for this cohort's classes")
+    model.load_state_dict(base.tensors, strict=True)
+    _restore_normalisation(model, base.config)
 
 
 def initialise(
