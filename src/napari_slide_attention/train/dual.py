@@ -582,7 +582,8 @@ def train_dual(
         if hard_losses:
             row["hard_loss"] = float(np.mean(hard_losses))
             row["train_tile_accuracy"] = correct / max(seen, 1)
-        row["joint_weight"] = alpha
+        if settings.mode == "joint":
+            row["joint_weight"] = alpha  # α^e on L_SA this epoch
         return row
 
     def validate():
