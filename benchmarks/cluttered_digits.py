@@ -59,10 +59,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from napari_slide_attention.digits import as_arrays, cluttered_digits, read_mnist, sklearn_digits
+from napari_slide_attention.digits import as_arrays, cluttered_digits, source_digits
 from napari_slide_attention.models.hard_attention import (
     HardAttention,
     HardAttentionConfig,
@@ -75,22 +74,6 @@ CLASSES = tuple(str(d) for d in range(10))
 
 
 # -- data ---------------------------------------------------------------------------------
-
-
-def load_source(
-    images: Path | None, labels: Path | None, test_fraction: float, seed: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train, test) source digits: a seeded split of MNIST IDX files or sklearn's digits."""
-    if (images is None) != (labels is None):
-        raise SystemExit("--images and --labels go together")
-    if images is not None:
-        digits, classes = read_mnist(images, labels)
-    else:
-        digits, classes = sklearn_digits()
-    order = np.random.default_rng(seed).permutation(len(digits))
-    n_test = max(1, round(test_fraction * len(digits)))
-    test, train = order[:n_test], order[n_test:]
-    return (digits[train], classes[train]), (digits[test], classes[test])
 
 
 def make_set(source, n: int, size: int, clutter: int, piece: int, seed: int):
@@ -249,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     start = time.perf_counter()
-    train_source, test_source = load_source(
-        args.images, args.labels, args.test_source_fraction, args.seed
-    )
+    try:
+        train_source, test_source = source_digits(
+            args.images, args.labels, test_fraction=args.test_source_fraction, seed=args.seed
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     train_set = make_set(train_source, args.train, args.size, args.clutter, args.piece, args.seed)
     test_set = make_set(test_source, args.test, args.size, args.clutter, args.piece, args.seed + 1)
     config = make_config(args)

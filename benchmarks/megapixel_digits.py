@@ -100,8 +100,7 @@ from napari_slide_attention.digits import (
     as_arrays,
     downscale,
     megapixel_digits,
-    read_mnist,
-    sklearn_digits,
+    source_digits,
 )
 from napari_slide_attention.models.preact_resnet import PreActResNet, preact_resnet8
 from napari_slide_attention.models.sampling import (
@@ -125,22 +124,6 @@ CACHE_BYTES = 1 << 30
 
 
 # -- data ---------------------------------------------------------------------------------
-
-
-def load_source(
-    images: Path | None, labels: Path | None, test_fraction: float, seed: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train, test) source digits: a seeded split of MNIST IDX files or sklearn's digits."""
-    if (images is None) != (labels is None):
-        raise SystemExit("--images and --labels go together")
-    if images is not None:
-        digits, classes = read_mnist(images, labels)
-    else:
-        digits, classes = sklearn_digits()
-    order = np.random.default_rng(seed).permutation(len(digits))
-    n_test = max(1, round(test_fraction * len(digits)))
-    test, train = order[:n_test], order[n_test:]
-    return (digits[train], classes[train]), (digits[test], classes[test])
 
 
 class MegapixelSet:
@@ -707,9 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         "source": "sklearn_digits" if args.images is None else str(args.images),
     }
     start = time.perf_counter()
-    train_source, test_source = load_source(
-        args.images, args.labels, args.test_source_fraction, args.seed
-    )
+    try:
+        train_source, test_source = source_digits(
+            args.images, args.labels, test_fraction=args.test_source_fraction, seed=args.seed
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     train_set = MegapixelSet(train_source, args.train, args.size, args.scale, args.seed, noise)
     test_set = MegapixelSet(test_source, args.test, args.size, args.scale, args.seed + 1, noise)
     print(

@@ -432,3 +432,15 @@ def test_downscale_averages_areas(make: Callable[[np.ndarray], np.ndarray]) -> N
     assert low.max() < 255 / 4
     with pytest.raises(ValueError, match="scale"):
         downscale(flat, 1.5)
+
+
+def test_source_digits_splits_disjointly_by_seed_and_needs_both_files(tmp_path):
+    from napari_slide_attention.digits import source_digits
+
+    (train_x, train_y), (test_x, test_y) = source_digits(test_fraction=0.25, seed=3)
+    assert len(test_x) == round(0.25 * 1797) and len(train_x) + len(test_x) == 1797
+    assert len(train_y) == len(train_x) and len(test_y) == len(test_x)
+    again = source_digits(test_fraction=0.25, seed=3)
+    np.testing.assert_array_equal(again[1][0], test_x)
+    with pytest.raises(ValueError, match="go together"):
+        source_digits(tmp_path / "images.idx", None)

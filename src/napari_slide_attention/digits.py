@@ -49,6 +49,7 @@ __all__ = [
     "read_idx",
     "read_mnist",
     "sklearn_digits",
+    "source_digits",
     "write_idx",
 ]
 
@@ -232,6 +233,34 @@ def read_mnist(
 # ----------------------------------------------------------------------------------------
 # scikit-learn's digits
 # ----------------------------------------------------------------------------------------
+
+
+def source_digits(
+    images: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train, test) source digits for the generators: MNIST IDX files when both paths
+    are given (``read_mnist``), else scikit-learn's digits (``sklearn_digits``), split at
+    random by ``seed`` with ``test_fraction`` (at least one image) held out.
+
+    Raises:
+        ValueError: only one of ``images`` and ``labels`` given, or a bad fraction.
+    """
+    if (images is None) != (labels is None):
+        raise ValueError("the images and labels files go together: give both or neither")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if images is not None:
+        digits, classes = read_mnist(images, labels)
+    else:
+        digits, classes = sklearn_digits()
+    order = np.random.default_rng(seed).permutation(len(digits))
+    n_test = max(1, round(test_fraction * len(digits)))
+    test, train = order[:n_test], order[n_test:]
+    return (digits[train], classes[train]), (digits[test], classes[test])
 
 
 def sklearn_digits(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
