@@ -133,3 +133,199 @@ def attention_layer_data(
         },
     }
     return data[order], kwargs, "image"
+
+
+# Tile classes get these edge colours in class order (colour-blind safe, Okabe-Ito).
+CLASS_COLOURS = (
+    "#0072b2",  # blue
+    "#009e73",  # green
+    "#e69f00",  # orange
+    "#d55e00",  # vermilion
+    "#cc79a7",  # purple
+    "#56b4e9",  # sky blue
+    "#f0e442",  # yellow
+    "#000000",
+)
+
+
+def boxes_to_rectangles(boxes: Any, scale: tuple[float, float]) -> list[np.ndarray]:
+    """Level-0 (x, y, w, h) boxes -> napari rectangles (4 corners, (y, x)) in world units.
+
+    A box covers level-0 pixels x .. x + w - 1; with napari's pixel-centre coordinates
+    its outer edges lie half a pixel before the first and after the last pixel.
+    """
+    sy, sx = scale
+    rects = []
+    for x, y, w, h in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        top, left, bottom, right = y - 0.5, x - 0.5, y + h - 0.5, x + w - 0.5
+        corners = [[top, left], [top, right], [bottom, right], [bottom, left]]
+        rects.append(np.array(corners) * [sy, sx])
+    return rects
+
+
+def _class_colours(indices: np.ndarray) -> np.ndarray:
+    """(n, 4) RGBA rows: each class index's colour from ``CLASS_COLOURS``."""
+    palette = np.array(
+        [[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] + [1.0] for c in CLASS_COLOURS]
+    )
+    return palette[np.asarray(indices, dtype=np.int64) % len(palette)].reshape(-1, 4)
+
+
+def _dual_arrays(result: Any, *names: str) -> list[np.ndarray]:
+    missing = [n for n in names if n not in result.arrays]
+    if missing:
+        raise ValueError(
+            f"the result of {result.slide} ({result.model_kind}) has no {', '.join(missing)}; "
+            "sampled tiles and glimpses come from dual-attention results"
+        )
+    return [np.asarray(result.arrays[n]) for n in names]
+
+
+def soft_attention_layer_data(
+    result: Any, scale: tuple[float, float], units: tuple[str, str] = ("µm", "µm")
+) -> tuple[np.ndarray, dict, str]:
+    """The soft attention of a dual-attention result as an image over the slide.
+
+    The map is shown at its own resolution (one pixel per attention cell, ``scale`` =
+    cell size) min-max normalised over the tissue as the sampling sees it (the paper's
+    Â: 1 at the most attended cell, 0 outside the tissue); the raw probabilities are
+    in ``metadata["attention"]``.
+    """
+    from ..models.sampling import minmax_normalise
+
+    (attention,) = _dual_arrays(result, "soft_attention")
+    tissue = np.asarray(result.arrays.get("soft_tissue", attention > 0), dtype=bool)
+    geometry = result.info.get("soft_attention", {})
+    cell = float(geometry.get("cell_size", 1.0))
+    ox, oy = (float(v) for v in geometry.get("origin", (0, 0)))
+    shown = minmax_normalise(attention, tissue) if tissue.any() else np.zeros_like(attention)
+    sy, sx = scale
+    kwargs = {
+        "name": f"soft attention ({result.predicted_class})",
+        "scale": (cell * sy, cell * sx),
+        "translate": ((oy + cell / 2 - 0.5) * sy, (ox + cell / 2 - 0.5) * sx),
+        "units": units,
+        "axis_labels": ("y", "x"),
+        "colormap": "magma",
+        "opacity": 0.5,
+        "blending": "additive",
+        "contrast_limits": (0.0, 1.0),
+        "metadata": {
+            "attention": attention,
+            "cell_size": cell,
+            "origin": (ox, oy),
+            "sampler": result.info.get("sampler"),
+        },
+    }
+    return shown.astype(np.float32), kwargs, "image"
+
+
+def sampled_tiles_layer_data(
+    result: Any, scale: tuple[float, float], units: tuple[str, str] = ("µm", "µm")
+) -> tuple[list[np.ndarray], dict, str]:
+    """The tiles a dual-attention result sampled, as rectangles coloured by tile class.
+
+    Each rectangle carries its rank in the sampling (1 = most attended), attention value,
+    class and that class's probability as features, and shows "rank. class p" as text.
+    """
+    boxes, attention, rank, classes, probabilities = _dual_arrays(
+        result, "tile_boxes", "tile_attention", "tile_rank", "tile_classes", "tile_probabilities"
+    )
+    names = np.array(result.classes, dtype=object)[classes] if len(classes) else []
+    features = {
+        "rank": np.asarray(rank, dtype=np.int64) + 1,
+        "attention": np.asarray(attention, dtype=np.float64),
+        "class": np.asarray(names, dtype=object),
+        "probability": probabilities[np.arange(len(classes)), classes].astype(np.float64)
+        if len(classes)
+        else np.zeros(0),
+    }
+    width = max(float(np.median(boxes[:, 2])) if len(boxes) else 0.0, 1.0)
+    kwargs = {
+        "name": f"sampled tiles ({result.info.get('sampler', 'attention')})",
+        "shape_type": "rectangle",
+        "edge_color": _class_colours(classes),
+        "face_color": "transparent",
+        "edge_width": width / 40 * scale[1],
+        "units": units,
+        "features": features,
+        "text": {
+            "string": "{rank}. {class} {probability:.0%}",
+            "size": 10,
+            "color": "white",
+            "anchor": "upper_left",
+        },
+        "metadata": {"classes": list(result.classes)},
+    }
+    return boxes_to_rectangles(boxes, scale), kwargs, "shapes"
+
+
+def glimpse_layer_data(
+    result: Any, scale: tuple[float, float], units: tuple[str, str] = ("µm", "µm")
+) -> list[tuple[Any, dict, str]]:
+    """The hard attention's glimpses of a dual-attention result as three layers.
+
+    - "glimpse paths" (shapes): one path per tile through its T glimpse centres;
+    - "glimpses" (points): the centres, numbered 1..T, with the class the model
+      predicted after that glimpse and its probability as features;
+    - "glimpse fields" (shapes): each glimpse's box at every magnification (feature
+      ``scale``: 1 = the finest).
+    """
+    centres, boxes, step_probabilities, tile_rank = _dual_arrays(
+        result, "glimpse_centres", "glimpse_boxes", "glimpse_probabilities", "tile_rank"
+    )
+    sy, sx = scale
+    n, t = centres.shape[:2]
+    # level-0 (x, y) -> world (y, x), pixel centres
+    world = np.stack([(centres[..., 1]) * sy, (centres[..., 0]) * sx], -1)  # (N, T, 2)
+    ranks = np.asarray(tile_rank, dtype=np.int64) + 1
+    paths = [world[i] for i in range(n)] if t > 1 else []
+    path_kwargs = {
+        "name": "glimpse paths",
+        "shape_type": "path",
+        "edge_color": "white",
+        "edge_width": float(np.median(boxes[..., 0, 2])) / 12 * sx if n else 1.0,
+        "units": units,
+        "features": {"tile": ranks[: len(paths)]},
+    }
+    step_classes = step_probabilities.argmax(-1)  # (N, T)
+    step_names = np.array(result.classes, dtype=object)[step_classes.ravel()]
+    point_kwargs = {
+        "name": "glimpses",
+        "size": float(np.median(boxes[..., 0, 2])) * sx if n else 1.0,
+        "face_color": "transparent",
+        "border_color": _class_colours(step_classes.ravel()),
+        "border_width": 0.1,
+        "units": units,
+        "features": {
+            "tile": np.repeat(ranks, t),
+            "step": np.tile(np.arange(1, t + 1), n),
+            "class": step_names,
+            "probability": np.take_along_axis(step_probabilities, step_classes[..., None], -1)
+            .ravel()
+            .astype(np.float64),
+        },
+        "text": {"string": "{step}", "size": 9, "color": "white"},
+    }
+    s = boxes.shape[2]
+    field_kwargs = {
+        "name": "glimpse fields",
+        "shape_type": "rectangle",
+        "edge_color": "#56b4e9",
+        "face_color": "transparent",
+        "edge_width": float(np.median(boxes[..., 0, 2])) / 24 * sx if n else 1.0,
+        "units": units,
+        "features": {
+            "tile": np.repeat(ranks, t * s),
+            "step": np.tile(np.repeat(np.arange(1, t + 1), s), n),
+            "scale": np.tile(
+                np.asarray(result.info.get("glimpse_scales", range(1, s + 1)), float), n * t
+            ),
+        },
+        "visible": False,  # many rectangles; the paths and numbered centres say most
+    }
+    return [
+        (paths, path_kwargs, "shapes"),
+        (world.reshape(-1, 2), point_kwargs, "points"),
+        (boxes_to_rectangles(boxes.reshape(-1, 4), scale), field_kwargs, "shapes"),
+    ]
