@@ -1,10 +1,16 @@
-"""The main job: a sample slide in napari with its tissue, truth and a model's attention.
+"""The main job: a sample slide in napari with its tissue, truth and two models' views.
 
-A small grid-attention model is trained once on a few synthetic slides (cached under
-the output folder; a few minutes on a laptop CPU) and run on the sample slide; its
-attention maps are shown over the slide, ordered by their weight in the predicted
-class. With ``headless=True`` the same steps write screenshots and a short Markdown
-report instead of leaving a window open.
+Two small models are trained once on a few synthetic slides (cached under the output
+folder; a few minutes on a laptop CPU) and run on the sample slide:
+
+- grid attention: its attention maps over the slide, ordered by their weight in the
+  predicted class;
+- dual attention: the soft attention over the low-power view, the tiles sampled where
+  it attends (coloured by tile class, numbered by rank) and the hard attention's
+  glimpse paths inside each tile.
+
+With ``headless=True`` the same steps write screenshots and a short Markdown report
+instead of leaving a window open.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ import numpy as np
 from ..slide.reader import open_slide
 from ..slide.synthetic import read_sidecar, write_synthetic_slide
 from ..slide.tissue import tile_grid, tissue_mask, tissue_pieces
-from .layers import attention_layer_data, slide_scale
+from .layers import (
+    attention_layer_data,
+    boxes_to_rectangles,
+    glimpse_layer_data,
+    sampled_tiles_layer_data,
+    slide_scale,
+    soft_attention_layer_data,
+)
 
 # The demo model: small enough to train in a few minutes on 2 CPU cores.
 DEMO_TRAINING = {
@@ -31,15 +44,41 @@ DEMO_TRAINING = {
     "lesion_labels": False,
 }
 DEMO_COHORT = {"slides_per_class": {"train": 3, "val": 1}, "size": (3072, 2048), "n_pieces": 1}
+# The demo's dual-attention model: the dual needle benchmark's small CPU sizes, trained
+# jointly (L_HA + α^e·L_SA) for a few epochs on the same slides.
+DEMO_DUAL = {
+    "epochs": 12,
+    "mode": "joint",
+    "lr_soft": 1e-3,
+    "soft_samples": 32,
+    "view_downsample": 32.0,
+    "soft": {"pool": 4, "entropy_weight": 0.01},
+    "n_tiles": 8,
+    "tile_um": 128.0,
+    "feature_px": 64,
+    "hard": {
+        "glimpses": 4,
+        "glimpse_px": 32,
+        "tile_px": 128,
+        "context_px": 64,
+        "feature": 128,
+        "hidden": [128, 64],
+        "glimpse_channels": [16, 32, 64],
+        "context_channels": [8, 16, 32],
+    },
+}
 
 
-def demo_model(out: Path, log=print) -> Path:
-    """Train (once) the demo's small grid-attention model; returns its checkpoint."""
+def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
+    """Train (once) one of the demo's small models, "grid" or "dual"; returns its checkpoint.
+
+    A finished run leaves a ``done`` marker; an interrupted one resumes from its last
+    epoch the next time.
+    """
     from ..progress import run_to_end
     from ..train.cohort import make_synthetic_cohort
-    from ..train.grid import GridTrainSettings, train_grid
 
-    run = out / "model"
+    run = out / ("model" if kind == "grid" else f"model-{kind}")
     best = run / "best.safetensors"
     done = run / "done"
     if best.exists() and done.exists():
@@ -47,21 +86,33 @@ def demo_model(out: Path, log=print) -> Path:
     cohort = make_synthetic_cohort(out / "cohort", seed=1, **DEMO_COHORT)
 
     def show(event) -> None:
-        if event.stage in ("epoch", "calibrate"):
-            log(f"demo model: {event.message}")
+        if event.stage in ("epoch", "calibrate", "resume"):
+            log(f"demo {kind} model: {event.message}")
 
-    run_to_end(train_grid(cohort, run, GridTrainSettings(**DEMO_TRAINING)), show)
+    if kind == "grid":
+        from ..train.grid import GridTrainSettings, train_grid
+
+        training = train_grid(cohort, run, GridTrainSettings(**DEMO_TRAINING))
+    elif kind == "dual":
+        from ..train.dual import DualTrainSettings, train_dual
+
+        training = train_dual(cohort, run, DualTrainSettings(**DEMO_DUAL))  # resumes
+    else:
+        raise ValueError(f"kind must be 'grid' or 'dual', got {kind!r}")
+    run_to_end(training, show)
     done.write_text("trained\n")
     return best
 
 
-def _boxes_to_rectangles(boxes, scale) -> list[np.ndarray]:
-    """Level-0 (x, y, w, h) boxes -> napari rectangles in world (µm) coordinates."""
-    sy, sx = scale
-    rects = []
-    for x, y, w, h in boxes:
-        rects.append(np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]], float) * [sy, sx])
-    return rects
+def _lesion_hits(boxes, lesions) -> int:
+    """How many level-0 boxes overlap at least one lesion box of the sidecar."""
+    hits = 0
+    for x, y, w, h in np.asarray(boxes).reshape(-1, 4):
+        hits += any(
+            x < lx + lw and lx < x + w and y < ly + lh and ly < y + h
+            for lx, ly, lw, lh in (lesion["box"] for lesion in lesions)
+        )
+    return int(hits)
 
 
 def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
@@ -99,6 +150,16 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     result.save(out / "result")
     timings["predict (s)"] = time.perf_counter() - start
 
+    from ..train.dual import predict_slide_dual
+
+    start = time.perf_counter()
+    dual_checkpoint = demo_model(out, kind="dual")
+    timings["train dual demo model (s, cached after the first run)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    dual = run_to_end(predict_slide_dual(dual_checkpoint, slide))
+    dual.save(out / "result-dual")
+    timings["predict dual (s)"] = time.perf_counter() - start
+
     # Shown even headless (on Xvfb): a hidden vispy canvas renders nothing into screenshots.
     viewer = napari.Viewer(title="napari-slide-attention demo", show=True)
     start = time.perf_counter()
@@ -114,7 +175,7 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         opacity=0.3,
     )
     viewer.add_shapes(
-        _boxes_to_rectangles([p.box for p in pieces], scale),
+        boxes_to_rectangles([p.box for p in pieces], scale),
         shape_type="rectangle",
         edge_color="cyan",
         face_color="transparent",
@@ -123,7 +184,7 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         units=units,
     )
     viewer.add_shapes(
-        _boxes_to_rectangles([lesion["box"] for lesion in truth["lesions"]], scale),
+        boxes_to_rectangles([lesion["box"] for lesion in truth["lesions"]], scale),
         shape_type="rectangle",
         edge_color="yellow",
         face_color="transparent",
@@ -135,6 +196,12 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     data, attention_kwargs, _ = attention_layer_data(result, scale, units)
     viewer.add_image(data, **attention_kwargs)
     viewer.dims.set_current_step(0, 0)  # the map with the most weight in the call
+    soft_data, soft_kwargs, _ = soft_attention_layer_data(dual, scale, units)
+    viewer.add_image(soft_data, **{**soft_kwargs, "visible": False})
+    tile_rects, tile_kwargs, _ = sampled_tiles_layer_data(dual, scale, units)
+    viewer.add_shapes(tile_rects, **tile_kwargs)
+    for data, kwargs, kind in glimpse_layer_data(dual, scale, units):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
     viewer.scale_bar.visible = True
     viewer.reset_view()
 
@@ -154,6 +221,22 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         zoomed = out / "lesion.png"
         viewer.screenshot(str(zoomed), canvas_only=True, size=(768, 1024))
         shots.append(zoomed)
+    # The dual model's view: soft attention instead of the grid maps, then its top tile.
+    viewer.layers[attention_kwargs["name"]].visible = False
+    viewer.layers[soft_kwargs["name"]].visible = True
+    viewer.reset_view()
+    sampled = out / "dual-overview.png"
+    viewer.screenshot(str(sampled), canvas_only=True, size=(768, 1024))
+    shots.append(sampled)
+    tile_boxes = dual.arrays["tile_boxes"]
+    if len(tile_boxes):
+        x, y, w, h = tile_boxes[int(np.argmin(dual.arrays["tile_rank"]))]
+        viewer.layers[soft_kwargs["name"]].visible = False
+        viewer.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
+        viewer.camera.zoom = 1.0 / (1.5 * w * scale[1] / 1024)  # the tile fills 2/3 of the view
+        glimpses = out / "dual-glimpses.png"
+        viewer.screenshot(str(glimpses), canvas_only=True, size=(768, 1024))
+        shots.append(glimpses)
     timings["screenshots (s)"] = time.perf_counter() - start
     layers = [(layer.name, type(layer).__name__) for layer in viewer.layers]
     viewer.close()
@@ -180,6 +263,13 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         + f"; {result.info['tiles']} tiles on {result.info['device']}",
         f"- attention maps: {attention_kwargs['name']}, strongest maps first "
         f"(original numbers {attention_kwargs['metadata']['map_order'][:5]} ...)",
+        f"- demo dual model (dual attention, {DEMO_DUAL['epochs']} epochs joint on the same "
+        f"slides, slide labels only): `{dual_checkpoint}`",
+        f"- dual prediction: **{dual.predicted_class}** ({dual.confidence:.0%}), the most "
+        f"frequent class of {len(tile_boxes)} sampled tiles "
+        f"({', '.join(dual.classes[c] for c in dual.arrays['tile_classes'])}); "
+        f"{_lesion_hits(tile_boxes, truth['lesions'])} of them touch a lesion; "
+        f"{dual.arrays['glimpse_centres'].shape[1]} glimpses per tile",
         f"- layers: {', '.join(f'{n} ({t})' for n, t in layers)}",
         f"- screenshots: {', '.join(f'`{s.name}`' for s in shots)}",
         f"- machine: {platform.platform()}, Python {platform.python_version()}, "
@@ -204,6 +294,15 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
                         zip(result.classes, map(float, result.probabilities), strict=True)
                     ),
                     "checkpoint": str(checkpoint),
+                },
+                "dual_prediction": {
+                    "class": dual.predicted_class,
+                    "probabilities": dict(
+                        zip(dual.classes, map(float, dual.probabilities), strict=True)
+                    ),
+                    "tile_boxes": tile_boxes.tolist(),
+                    "tiles_touching_lesions": _lesion_hits(tile_boxes, truth["lesions"]),
+                    "checkpoint": str(dual_checkpoint),
                 },
             },
             indent=2,

@@ -295,7 +295,7 @@ def glimpse_layer_data(
         "size": float(np.median(boxes[..., 0, 2])) * sx if n else 1.0,
         "face_color": "transparent",
         "border_color": _class_colours(step_classes.ravel()),
-        "border_width": 0.1,
+        "border_width": 0.04,  # of the size: a thin ring around the finest field
         "units": units,
         "features": {
             "tile": np.repeat(ranks, t),
