@@ -6,8 +6,9 @@ The cohort is the needle benchmark's (``benchmarks/needle.py``: ``COHORT`` and
 
 1. dual attention (Raza et al.) trains on slide labels only, its parts separately (the
    paper trains them "separately and together"): first the soft attention on the x32
-   view (``--soft-epochs``, L_SA through the expectation over sampled tiles), then the
-   hard attention on the N tiles sampled where it attends (``--epochs``, T glimpses per
+   view (``--soft-epochs``, L_SA through the expectation over sampled tiles; its best
+   epoch by the validation F1 of its own call), then the hard attention on the N tiles
+   sampled where it attends (``--epochs``, T glimpses per
    tile); ``--joint`` trains both at once with L_J = L_HA + α^e·L_SA instead;
 2. the random-sampling baseline trains the same hard-attention classifier on N tiles
    drawn uniformly inside the tissue (the paper's baseline), for the same epochs;
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_to_end(train_dual(cohort, soft_dir, soft), _progress("soft attention"))
             print(
                 f"soft attention: {summary.epochs_done} epochs in "
-                f"{(time.perf_counter() - t) / 60:.1f} min -> {summary.last}"
+                f"{(time.perf_counter() - t) / 60:.1f} min -> {summary.best}"
             )
     runs = {
         "dual attention": (args.dir / "run-dual", dual_settings, "attention"),
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         if not args.skip_train:
             init = (
-                soft_dir / "last.safetensors"
+                soft_dir / "best.safetensors"  # by the soft call's validation F1
                 if name == "dual attention" and not args.joint
                 else None
             )

@@ -148,6 +148,24 @@ def test_random_sampler_baseline_trains_hard_attention_only(tiny_cohort, tmp_pat
         DualTrainSettings(sampler="random")
 
 
+def test_soft_only_training_is_validated_by_the_soft_attentions_own_call(tiny_cohort, tmp_path):
+    settings = DualTrainSettings(epochs=2, mode="soft", **SMALL)
+    summary = run_to_end(train_dual(tiny_cohort, tmp_path, settings))
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert "hard_loss" not in log[0] and "soft_loss" in log[0]
+    # the best epoch is chosen on the validation slides, as for the other modes
+    for row in log:
+        assert 0.0 <= row["val_mean_f1"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
+    best = max(range(len(log)), key=lambda e: log[e]["val_mean_f1"])
+    assert read_checkpoint(summary.best).extra["epoch"] == best
+    # the same seeded draws: validating the same weights twice gives the same figures
+    again = run_to_end(train_dual(tiny_cohort, tmp_path / "again", settings))
+    assert json.loads((tmp_path / "again" / "log.json").read_text())[0]["val_mean_f1"] == (
+        log[0]["val_mean_f1"]
+    )
+    assert again.epochs_done == 2
+
+
 def test_sampled_tiles_lie_in_tissue_and_in_the_slide(tiny_cohort):
     model = DualAttention(
         DualAttentionConfig(classes=("a", "b"), soft={"pool": 4}, hard=SMALL_HARD)

@@ -58,7 +58,7 @@ from .loop import (
     on_device,
     run_epochs,
 )
-from .metrics import evaluate
+from .metrics import Metrics, evaluate
 
 __all__ = [
     "SAMPLERS",
@@ -502,7 +502,9 @@ def train_dual(
     hard_px = model.hard.config.tile_px
     n_soft = settings.soft_samples or config.n_tiles
 
-    def soft_part(item: _SlideData, slide: Slide, rng: np.random.Generator):
+    def soft_part(
+        item: _SlideData, slide: Slide, rng: np.random.Generator, augment: bool = settings.augment
+    ):
         out = model.attend(
             torch.from_numpy(item.view.image)[None].to(device),
             torch.from_numpy(item.view.tissue)[None].to(device),
@@ -515,7 +517,7 @@ def train_dual(
         cells = np.stack([idx[0].numpy() // width, idx[0].numpy() % width], 1)
         boxes = _cell_boxes(cells, config.cell_px, item.tile_px, item.size)
         tiles = read_tiles(slide, boxes, config.feature_px)
-        if settings.augment:
+        if augment:
             tiles = _augment(tiles, rng)
         x = model.prepare(torch.from_numpy(tiles), config.feature_px).to(device)
         label = torch.tensor([item.label], device=device)
@@ -586,12 +588,29 @@ def train_dual(
             row["joint_weight"] = alpha  # α^e on L_SA this epoch
         return row
 
+    def validate_soft() -> Metrics:
+        """The soft attention's own call on the validation slides: its head on the
+        expected features of tiles drawn from A (seeded, no augmentation)."""
+        model.eval()
+        rng = np.random.default_rng(settings.seed)
+        truth, probs = [], []
+        with torch.no_grad():
+            for item in val:
+                with open_slide(item.slide) as slide:
+                    loss, _ = soft_part(item, slide, rng, augment=False)
+                truth.append(item.label)
+                probs.append(torch.softmax(loss.logits[0].float(), -1).cpu().numpy())
+        return evaluate(truth, probabilities=np.stack(probs).astype(np.float64), classes=classes)
+
     def validate():
-        if not val or settings.mode == "soft":
+        if not val:
             return None
-        metrics = evaluate_dual(
-            model, val, classes, device, sampler=settings.sampler, seed=settings.seed
-        )
+        if settings.mode == "soft":
+            metrics = validate_soft()
+        else:
+            metrics = evaluate_dual(
+                model, val, classes, device, sampler=settings.sampler, seed=settings.seed
+            )
         model.train()
         return (
             {
