@@ -53,6 +53,7 @@ from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.train.cohort import make_synthetic_cohort
 from napari_slide_attention.train.data import read_view, tile_edge_px
 from napari_slide_attention.train.dual import (
+    CPU_PRESET,
     DualTrainSettings,
     predict_slide_dual,
     train_dual,
@@ -73,26 +74,7 @@ from needle import COHORT, PER_CLASS
 # ~300 tissue cells and lesions in 1-4 of them, 8 draws from a near-uniform A rarely
 # include a lesion, so little signal reached the attention (an exploratory soft-only run
 # at these settings went from 1.33 to 0.42 in 86 epochs).
-DUAL = {
-    "lr_soft": 1e-3,
-    "soft_samples": 32,
-    "view_downsample": 32.0,
-    "soft": {"pool": 4, "entropy_weight": 0.01},
-    "n_tiles": 8,
-    "tile_um": 128.0,
-    "feature_px": 64,
-    "hard": {
-        "glimpses": 4,
-        "glimpse_px": 32,
-        "tile_px": 128,
-        "context_px": 64,
-        "feature": 128,
-        "hidden": [128, 64],
-        "glimpse_channels": [16, 32, 64],
-        "context_channels": [8, 16, 32],
-    },
-    "seed": 0,
-}
+DUAL = {**CPU_PRESET, "seed": 0}
 TARGET_HIT_RATIO = 5.0
 TARGET_F1_GAIN = 0.10
 

@@ -44,29 +44,9 @@ DEMO_TRAINING = {
     "lesion_labels": False,
 }
 DEMO_COHORT = {"slides_per_class": {"train": 3, "val": 1}, "size": (3072, 2048), "n_pieces": 1}
-# The demo's dual-attention model: the dual needle benchmark's small CPU sizes, trained
-# jointly (L_HA + α^e·L_SA) for a few epochs on the same slides.
-DEMO_DUAL = {
-    "epochs": 12,
-    "mode": "joint",
-    "lr_soft": 1e-3,
-    "soft_samples": 32,
-    "view_downsample": 32.0,
-    "soft": {"pool": 4, "entropy_weight": 0.01},
-    "n_tiles": 8,
-    "tile_um": 128.0,
-    "feature_px": 64,
-    "hard": {
-        "glimpses": 4,
-        "glimpse_px": 32,
-        "tile_px": 128,
-        "context_px": 64,
-        "feature": 128,
-        "hidden": [128, 64],
-        "glimpse_channels": [16, 32, 64],
-        "context_channels": [8, 16, 32],
-    },
-}
+# The demo's dual-attention model: the dual needle benchmark's small CPU sizes
+# (``train.dual.CPU_PRESET``), trained jointly (L_HA + α^e·L_SA) on the same slides.
+DEMO_DUAL = {"epochs": 12, "mode": "joint"}
 
 
 def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
@@ -94,9 +74,10 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
 
         training = train_grid(cohort, run, GridTrainSettings(**DEMO_TRAINING))
     elif kind == "dual":
-        from ..train.dual import DualTrainSettings, train_dual
+        from ..train.dual import CPU_PRESET, DualTrainSettings, train_dual
 
-        training = train_dual(cohort, run, DualTrainSettings(**DEMO_DUAL))  # resumes
+        settings = DualTrainSettings(**{**CPU_PRESET, **DEMO_DUAL})
+        training = train_dual(cohort, run, settings)  # resumes an interrupted run
     else:
         raise ValueError(f"kind must be 'grid' or 'dual', got {kind!r}")
     run_to_end(training, show)

@@ -70,6 +70,31 @@ __all__ = [
 ]
 
 MODES = ("joint", "soft", "hard")
+# A small dual model for a CPU and 0.5 µm/px slides, as ``DualTrainSettings`` keywords
+# (the dual needle benchmark and the demo use it; why each value is what it is:
+# ``benchmarks/dual_needle.py``): the x32 view with max-pooling 4 (attention cells of
+# 128 level-0 px), 8 tiles of 128 µm read at 64 px for the soft attention's features and
+# at 128 px for 4 glimpses of 32 px at two magnifications; β = 0.01; the soft attention
+# at 1e-3 from 32 draws of A per slide.
+CPU_PRESET: dict[str, Any] = {
+    "lr_soft": 1e-3,
+    "soft_samples": 32,
+    "view_downsample": 32.0,
+    "soft": {"pool": 4, "entropy_weight": 0.01},
+    "n_tiles": 8,
+    "tile_um": 128.0,
+    "feature_px": 64,
+    "hard": {
+        "glimpses": 4,
+        "glimpse_px": 32,
+        "tile_px": 128,
+        "context_px": 64,
+        "feature": 128,
+        "hidden": [128, 64],
+        "glimpse_channels": [16, 32, 64],
+        "context_channels": [8, 16, 32],
+    },
+}
 SAMPLERS = ("attention", "random")
 
 
