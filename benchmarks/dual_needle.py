@@ -121,6 +121,38 @@ def random_hit_rate(entry, config, draws: int, seed: int) -> float:
     return hits / max(total, 1)
 
 
+def attention_on_lesions(result, lesions) -> tuple[float, float, float]:
+    """Where a dual result's soft attention went on a slide with lesions: the share of A
+    on the tissue cells a lesion box touches, those cells' share of the tissue cells
+    (what a uniform A would give), and the share of A's 8 largest cells that lie on the
+    tissue's border (cells with a non-tissue 4-neighbour)."""
+    attention = np.asarray(result.arrays["soft_attention"], dtype=np.float64)
+    tissue = np.asarray(result.arrays["soft_tissue"], dtype=bool)
+    cell = float(result.info["soft_attention"]["cell_size"])
+    on_lesion = np.zeros_like(tissue)
+    for (x, y, w, h), _ in lesions:
+        r0, r1 = int(y // cell), int((y + h - 1) // cell) + 1
+        c0, c1 = int(x // cell), int((x + w - 1) // cell) + 1
+        on_lesion[r0:r1, c0:c1] = True
+    on_lesion &= tissue
+    padded = np.pad(tissue, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    top = np.argsort(-np.where(tissue, attention, -np.inf).ravel())[:8]
+    total = attention[tissue].sum()
+    return (
+        float(attention[on_lesion].sum() / total),
+        float(on_lesion.sum() / tissue.sum()),
+        float((tissue & ~inner).ravel()[top].mean()),
+    )
+
+
+def _mean_pair(rows: list[tuple[float, ...]]) -> dict | None:
+    if not rows:
+        return None
+    mass, share, border = np.mean(np.asarray(rows), axis=0)
+    return {"mass_on_lesion_cells": mass, "lesion_cells_share": share, "top8_on_border": border}
+
+
 def _progress(name: str):
     def show(event) -> None:
         if event.stage in ("epoch", "resume"):
@@ -216,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     hit_rates = {}
     for name, (path, sampler) in trained.items():
         model, checkpoint = load_model(path, "cpu")
-        truth, preds, probs, hits = [], [], [], []
+        truth, preds, probs, hits, masses = [], [], [], [], []
         t = time.perf_counter()
         for k, entry in enumerate(test):
             result = run_to_end(predict_slide_dual(model, entry.slide, sampler=sampler, seed=k))
@@ -226,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             if entry.lesions:
                 boxes = result.arrays["tile_boxes"]
                 hits.append(np.mean([_overlaps(b, entry.lesions) for b in boxes]))
+                if sampler == "attention":
+                    masses.append(attention_on_lesions(result, entry.lesions))
         p = np.stack(probs)
         table[name] = evaluate(truth, preds, p / p.sum(1, keepdims=True), classes=cohort.classes)
         hit_rates[name] = float(np.mean(hits)) if hits else float("nan")
@@ -233,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "metrics": table[name].to_dict(),
             "hit_rate": hit_rates[name],
             "epochs": checkpoint.extra.get("epoch", -1) + 1,
+            "soft_attention_on_lesions": _mean_pair(masses),
             "test_seconds": time.perf_counter() - t,
         }
 
@@ -281,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         auroc = metrics.auroc if metrics.auroc is not None else float("nan")
         print(f"{name:<30}{metrics.mean.f1:12.2f}{auroc:8.2f}{shown}")
     print(f"{'uniform tiles in tissue':<30}{'':>12}{'':>8}{chance:13.3f}  (expected)")
+    soft = report["models"]["dual attention"]["soft_attention_on_lesions"]
+    if soft:
+        print(
+            f"soft attention on the test slides with lesions: {soft['mass_on_lesion_cells']:.3f} "
+            f"of A on the cells lesions touch (their share of the tissue cells: "
+            f"{soft['lesion_cells_share']:.3f}); {soft['top8_on_border']:.0%} of A's 8 "
+            "largest cells on the tissue's border"
+        )
     ratio = hit_rates["dual attention"] / max(chance, 1e-9)
     gain = table["dual attention"].mean.f1 - table["random sampling"].mean.f1
     checks = [
