@@ -160,8 +160,9 @@ def test_soft_only_training_is_validated_by_the_soft_attentions_own_call(tiny_co
     assert read_checkpoint(summary.best).extra["epoch"] == best
     # the same seeded draws: validating the same weights twice gives the same figures
     again = run_to_end(train_dual(tiny_cohort, tmp_path / "again", settings))
-    assert json.loads((tmp_path / "again" / "log.json").read_text())[0]["val_mean_f1"] == (
-        log[0]["val_mean_f1"]
+    assert (
+        json.loads((tmp_path / "again" / "log.json").read_text())[0]["val_mean_f1"]
+        == (log[0]["val_mean_f1"])
     )
     assert again.epochs_done == 2
 
