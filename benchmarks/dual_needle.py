@@ -60,7 +60,7 @@ from napari_slide_attention.train.dual import (
 )
 from napari_slide_attention.train.metrics import evaluate
 from napari_slide_attention.train.sliding_window import predict_slide_sliding_window
-from needle import COHORT, PER_CLASS
+from needle import COHORT, PER_CLASS, report_checks
 
 # The dual model's settings for 0.5 µm/px synthetic slides on a CPU (fixed before the
 # first run; the paper's values are the defaults of DualTrainSettings): the x32 view with
@@ -330,16 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sampled tiles' lesion hits / random", ratio, TARGET_HIT_RATIO),
         ("dual F1 - random-sampling F1", gain, TARGET_F1_GAIN),
     ]
-    print()
-    for label, value, target in checks:
-        verdict = "PASS" if value >= target else "FAIL"
-        print(f"{label:<38} {value:6.2f}  (target >= {target})  {verdict}")
-    report["checks"] = [{"name": n, "value": v, "target": t, "pass": v >= t} for n, v, t in checks]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
-    return 0 if all(v >= t for _, v, t in checks) else 1
+    return report_checks(checks, report, args.json, width=38, digits=2)
 
 
 if __name__ == "__main__":

@@ -241,17 +241,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"all maps {loc['all_maps']:.3f}, chance {loc['chance']:.4f}"
             )
             checks.append(("grid attention mass, top maps", loc["top_maps"], TARGET_MASS))
+    return report_checks(checks, report, args.json, width=34, digits=3)
+
+
+def report_checks(
+    checks: list[tuple[str, float, float]],
+    report: dict,
+    json_path: Path | None,
+    *,
+    width: int,
+    digits: int,
+) -> int:
+    """Print each (name, value, target) with PASS/FAIL, add them to ``report``, write it
+    as JSON when asked; the exit status: 0 when every value reaches its target."""
     print()
     for label, value, target in checks:
-        print(
-            f"{label:<34} {value:6.3f}  (target >= {target})  "
-            f"{'PASS' if value >= target else 'FAIL'}"
-        )
+        verdict = "PASS" if value >= target else "FAIL"
+        print(f"{label:<{width}} {value:6.{digits}f}  (target >= {target})  {verdict}")
     report["checks"] = [{"name": n, "value": v, "target": t, "pass": v >= t} for n, v, t in checks]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
     return 0 if all(v >= t for _, v, t in checks) else 1
 
 
