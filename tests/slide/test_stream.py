@@ -300,6 +300,25 @@ def test_dropped_batches_are_refilled_and_kept_ones_are_not(slide):
     np.testing.assert_array_equal(np.concatenate(views), expected[:, :1])
 
 
+def test_jpeg_batch_rows_stay_off_simd_boundaries(tmp_path, image):
+    # libjpeg-turbo writes a row starting on a 16/32-byte boundary with non-temporal
+    # stores, around the cache (20 % slower decoding in benchmarks/io.py). No row of any
+    # batch may start there, and reused arrays keep the placement.
+    slide = _open(_write(tmp_path / "jpeg.tif", image, "jpeg"))
+    boxes = _grid(slide, 0, TILE)
+    expected = _expected(slide, 0, boxes)
+    stream = TileStream(slide, 0, boxes, batch_size=3, workers=2, prefetch=1)
+    assert stream.stats.fast == len(boxes)
+    got = []
+    for batch in stream:
+        pixels = batch.pixels
+        rows = pixels.ctypes.data + np.arange(pixels.shape[0] * pixels.shape[1]) * pixels.strides[1]
+        assert not np.any(rows % 16 == 0)
+        got.append(pixels.copy())
+    np.testing.assert_array_equal(np.concatenate(got), expected)
+    slide.close()
+
+
 def test_prefetch_zero_decodes_on_demand(slide):
     calls = []
     boxes = _grid(slide, 0, TILE)[:9]
