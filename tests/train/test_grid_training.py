@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
 from napari_slide_attention.models.grid_attention import GridAttention
 from napari_slide_attention.progress import run_to_end
-from napari_slide_attention.train.grid import GridTrainSettings, train_grid
+from napari_slide_attention.train.grid import GridTrainSettings, slide_loss, train_grid
 
 
 def tiny_settings(**kw) -> GridTrainSettings:
@@ -75,6 +76,39 @@ def test_a_run_writes_checkpoints_logs_and_state(tiny_cohort, tmp_path):
         first["trunk.layer4.0.conv1.weight"], last["trunk.layer4.0.conv1.weight"]
     )
     assert not torch.equal(first["attention.weight"], last["attention.weight"])
+
+
+def test_slide_loss_is_the_mean_cross_entropy_of_the_true_class():
+    rows = [
+        {"label": 0, "probabilities": [0.5, 0.25, 0.25]},
+        {"label": 2, "probabilities": [0.6, 0.4, 0.0]},  # certain and wrong: clipped
+    ]
+    expected = (-math.log(0.5) - math.log(1e-7)) / 2
+    assert slide_loss(rows) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("select", ["loss", "f1"])
+def test_best_checkpoint_is_the_selected_epoch(tiny_cohort, tmp_path, select):
+    run = tmp_path / "run"
+    messages = []
+    settings = tiny_settings(epochs=3, lr=3e-3, select=select)
+    run_to_end(train_grid(tiny_cohort, run, settings), lambda e: messages.append(e.message))
+    log = json.loads((run / "log.json").read_text())
+    if select == "loss":
+        chosen = min(range(len(log)), key=lambda e: log[e]["val_loss"])
+        assert any("val loss" in m for m in messages)
+    else:  # the first of the highest
+        chosen = max(range(len(log)), key=lambda e: (log[e]["val_mean_f1"], -e))
+    best = read_checkpoint(run / "best.safetensors")
+    assert best.extra["epoch"] == chosen
+    picked = read_checkpoint(run / f"checkpoints/epoch-{chosen + 1:04d}.safetensors")
+    assert all(torch.equal(best.tensors[k], picked.tensors[k]) for k in best.tensors)
+    assert all(r["val_loss"] >= 0 for r in log)
+
+
+def test_unknown_selection_is_refused():
+    with pytest.raises(ValueError, match="select"):
+        GridTrainSettings(select="auroc")
 
 
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_the_same(tiny_cohort, tmp_path):

@@ -13,7 +13,8 @@ The run directory holds:
 ``settings.json``              the settings and the cohort it trained on
 ``checkpoints/epoch-NNNN.safetensors``  the model after each epoch (atomic writes)
 ``last.safetensors``, ``best.safetensors``  the latest, and the best by validation
-                               mean F1 (or training loss without a validation split)
+                               loss or mean F1 (``select``; training loss without a
+                               validation split)
 ``training-state.safetensors`` optimiser, schedule and random state, to resume
 ``log.csv``, ``log.json``      one row per epoch: loss, lr, validation metrics, time
 """
@@ -89,6 +90,10 @@ class GridTrainSettings(SettingsRecord):
         seed: random seed (augmentation, dropout, order).
         normalise_tiles: tiles sampled per training slide for the normalisation statistics.
         aggregation: how pieces make a slide's call in validation.
+        select: which epoch is ``best``: "loss", the lowest validation loss (cross-entropy
+            of the slides' probabilities; smooth, so a lucky epoch on a small validation
+            split is not picked), or "f1", the highest validation mean F1 (the first of
+            equals).
         lesion_labels: where the cohort gives lesion boxes, label each piece with the
             highest-risk lesion inside it (the paper); off = every piece takes its slide's
             label (slide labels only).
@@ -122,6 +127,7 @@ class GridTrainSettings(SettingsRecord):
     seed: int = 0
     normalise_tiles: int = 64
     aggregation: str = "highest-risk"
+    select: str = "loss"
     lesion_labels: bool = True
     max_hours: float = 0.0
 
@@ -137,6 +143,8 @@ class GridTrainSettings(SettingsRecord):
             raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
         if self.class_weights not in ("balanced", "none"):
             raise ValueError("class_weights must be 'balanced' or 'none'")
+        if self.select not in ("loss", "f1"):
+            raise ValueError(f"select must be 'loss' or 'f1', got {self.select!r}")
 
     def model_config(self, classes: tuple[str, ...]) -> GridAttentionConfig:
         return GridAttentionConfig(
@@ -247,6 +255,19 @@ def evaluate_grid(
     probabilities = np.stack(probs).astype(np.float64)
     probabilities /= probabilities.sum(1, keepdims=True)
     return evaluate(truth, probabilities=probabilities, classes=classes), rows
+
+
+def slide_loss(rows: list[dict[str, Any]]) -> float:
+    """Mean cross-entropy of slide probabilities (``evaluate_grid``'s rows) and labels.
+
+    Probabilities are clipped at 1e-7, so one confidently wrong slide counts at most
+    ln(1e7) ≈ 16 instead of infinity.
+    """
+    truth = np.array([row["label"] for row in rows], dtype=np.int64)
+    probs = np.array([row["probabilities"] for row in rows], dtype=np.float64)
+    probs /= probs.sum(1, keepdims=True)
+    picked = np.clip(probs[np.arange(len(truth)), truth], 1e-7, 1.0)
+    return float(-np.log(picked).mean())
 
 
 def train_grid(
@@ -368,10 +389,10 @@ def train_grid(
         return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / len(order)}
 
     def validate() -> tuple[dict[str, Any], float] | None:
-        """Slide-level metrics on the validation split, scored by mean F1."""
+        """Slide-level metrics on the validation split, scored by ``settings.select``."""
         if not val:
             return None
-        metrics, _ = evaluate_grid(
+        metrics, rows = evaluate_grid(
             model,
             val,
             classes,
@@ -381,16 +402,28 @@ def train_grid(
             aggregation=settings.aggregation,
         )
         entries = {
+            "val_loss": slide_loss(rows),
             "val_mean_f1": metrics.mean.f1,
             "val_accuracy": metrics.accuracy,
             "val_mean_accuracy": metrics.mean.accuracy,
             "val_auroc": metrics.auroc,
             "val_metrics": metrics.to_dict(),
         }
+        if settings.select == "loss":
+            return entries, -entries["val_loss"]
         return entries, metrics.mean.f1
 
     extra = run.checkpoint_extra(record["cohort"], settings, report)
+    by_loss = settings.select == "loss"
     stopped_early = yield from run_epochs(
-        run, settings, model, optimizer, train_epoch, validate, extra, "val mean F1"
+        run,
+        settings,
+        model,
+        optimizer,
+        train_epoch,
+        validate,
+        extra,
+        "val loss" if by_loss else "val mean F1",
+        "val_loss" if by_loss else None,
     )
     return run.summary(stopped_early)

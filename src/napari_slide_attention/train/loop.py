@@ -121,8 +121,9 @@ class RunDirectory:
         resuming: a run found in the directory continues.
         log: the log rows so far (one per epoch).
         start_epoch: the first epoch still to train.
-        best_score: the best epoch's score so far (validation mean F1, or minus the
-            training loss).
+        best_score: the best epoch's score so far (what ``validate`` scored, e.g. the
+            validation mean F1 or minus the validation loss; minus the training loss
+            without validation).
     """
 
     def __init__(
@@ -388,6 +389,7 @@ def run_epochs(
     validate: Validate,
     extra: dict[str, Any],
     score_name: str,
+    score_key: str | None = None,
 ) -> Generator[Progress, None, bool]:
     """Train from ``run.start_epoch`` to ``settings.epochs``, saving every epoch.
 
@@ -407,6 +409,8 @@ def run_epochs(
             without validation data (the score is then minus the training loss).
         extra: the checkpoints' extras (see ``RunDirectory.checkpoint_extra``).
         score_name: how the "epoch" event's message names the validation score.
+        score_key: the log entry the message shows under ``score_name`` (e.g. the loss,
+            when the score is minus the loss); None = the score itself.
 
     Yields:
         Progress: what ``train_epoch`` yields, and "epoch" per epoch (data: the log row
@@ -440,7 +444,8 @@ def run_epochs(
         else:
             entries, score = validated
             row.update(entries)
-            shown = f", {score_name} {score:.2f}"
+            value = score if score_key is None else row[score_key]
+            shown = f", {score_name} {value:.{3 if score_key else 2}f}"
         path = run.save_epoch(epoch, row, score, model, optimizer, extra)
         yield Progress(
             "epoch",
