@@ -121,11 +121,12 @@ def random_hit_rate(entry, config, draws: int, seed: int) -> float:
     return hits / max(total, 1)
 
 
-def attention_on_lesions(result, lesions) -> tuple[float, float, float]:
+def attention_on_lesions(result, lesions) -> tuple[float, float, float, float]:
     """Where a dual result's soft attention went on a slide with lesions: the share of A
     on the tissue cells a lesion box touches, those cells' share of the tissue cells
-    (what a uniform A would give), and the share of A's 8 largest cells that lie on the
-    tissue's border (cells with a non-tissue 4-neighbour)."""
+    (what a uniform A would give), the share of A's 8 largest cells that lie on the
+    tissue's border (cells with a non-tissue 4-neighbour), and the share of them that a
+    lesion touches (where the sampler's first candidates come from)."""
     attention = np.asarray(result.arrays["soft_attention"], dtype=np.float64)
     tissue = np.asarray(result.arrays["soft_tissue"], dtype=bool)
     cell = float(result.info["soft_attention"]["cell_size"])
@@ -143,14 +144,20 @@ def attention_on_lesions(result, lesions) -> tuple[float, float, float]:
         float(attention[on_lesion].sum() / total),
         float(on_lesion.sum() / tissue.sum()),
         float((tissue & ~inner).ravel()[top].mean()),
+        float(on_lesion.ravel()[top].mean()),
     )
 
 
 def _mean_pair(rows: list[tuple[float, ...]]) -> dict | None:
     if not rows:
         return None
-    mass, share, border = np.mean(np.asarray(rows), axis=0)
-    return {"mass_on_lesion_cells": mass, "lesion_cells_share": share, "top8_on_border": border}
+    mass, share, border, hits = np.mean(np.asarray(rows), axis=0)
+    return {
+        "mass_on_lesion_cells": mass,
+        "lesion_cells_share": share,
+        "top8_on_border": border,
+        "top8_on_lesions": hits,
+    }
 
 
 def _progress(name: str):
@@ -321,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"soft attention on the test slides with lesions: {soft['mass_on_lesion_cells']:.3f} "
             f"of A on the cells lesions touch (their share of the tissue cells: "
-            f"{soft['lesion_cells_share']:.3f}); {soft['top8_on_border']:.0%} of A's 8 "
-            "largest cells on the tissue's border"
+            f"{soft['lesion_cells_share']:.3f}); of A's 8 largest cells "
+            f"{soft['top8_on_border']:.0%} on the tissue's border, "
+            f"{soft['top8_on_lesions']:.0%} touched by a lesion"
         )
     ratio = hit_rates["dual attention"] / max(chance, 1e-9)
     gain = table["dual attention"].mean.f1 - table["random sampling"].mean.f1
