@@ -77,19 +77,10 @@ class GridAttentionConfig(ModelConfig):
     kind: str = field(default=MODEL_KIND, init=False)
 
     def __post_init__(self) -> None:
-        self.classes = tuple(str(c) for c in self.classes)
-        self.risk_order = tuple(int(i) for i in self.risk_order)
+        self._check_classes()
         self.hidden = tuple(int(h) for h in self.hidden)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
-        if len(self.classes) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"class names repeat: {list(self.classes)}")
-        if self.risk_order and sorted(self.risk_order) != list(range(len(self.classes))):
-            raise ValueError(
-                f"risk_order must list each class index once, got {list(self.risk_order)}"
-            )
         if self.n_maps < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError("n_maps must be >= 1 and kernel a positive odd number")
         if not 0 <= self.dropout < 1:

@@ -130,23 +130,13 @@ class HardAttentionConfig(ModelConfig):
     kind: str = field(default=MODEL_KIND, init=False)
 
     def __post_init__(self) -> None:
-        self.classes = tuple(str(c) for c in self.classes)
-        self.risk_order = tuple(int(i) for i in (self.risk_order or ()))
+        self._check_classes()
         self.scales = tuple(float(s) for s in self.scales)
         self.hidden = tuple(int(h) for h in self.hidden)
         self.glimpse_channels = tuple(int(c) for c in self.glimpse_channels)
         self.context_channels = tuple(int(c) for c in self.context_channels)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
-        n = len(self.classes)
-        if n < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
-        if len(set(self.classes)) != n:
-            raise ValueError(f"class names repeat: {list(self.classes)}")
-        if self.risk_order and sorted(self.risk_order) != list(range(n)):
-            raise ValueError(
-                f"risk_order must list each class index once, got {list(self.risk_order)}"
-            )
         if self.glimpses < 1:
             raise ValueError(f"glimpses must be at least 1, got {self.glimpses}")
         if self.glimpse_px < 1 or self.tile_px < self.glimpse_px:

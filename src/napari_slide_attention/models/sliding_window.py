@@ -61,19 +61,9 @@ class SlidingWindowConfig(ModelConfig):
     kind: str = field(default=MODEL_KIND, init=False)
 
     def __post_init__(self) -> None:
-        self.classes = tuple(str(c) for c in self.classes)
-        self.risk_order = tuple(int(i) for i in self.risk_order)
+        self._check_classes()
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
-        n = len(self.classes)
-        if n < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
-        if len(set(self.classes)) != n:
-            raise ValueError(f"class names repeat: {list(self.classes)}")
-        if self.risk_order and sorted(self.risk_order) != list(range(n)):
-            raise ValueError(
-                f"risk_order must list each class index once, got {list(self.risk_order)}"
-            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.trainable_blocks <= 5:
@@ -82,6 +72,7 @@ class SlidingWindowConfig(ModelConfig):
             raise ValueError("crop_um must be positive and input_px at least 16")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need 3 values, std positive")
+        n = len(self.classes)
         # explicit values in every saved config, so a checkpoint says what it will do
         self.thresholds = tuple(float(v) for v in self.thresholds) or (0.5,) * n
         self.min_counts = tuple(int(v) for v in self.min_counts) or (1,) * n

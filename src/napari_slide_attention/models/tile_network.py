@@ -35,6 +35,22 @@ class ModelConfig:
         data = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
+    def _check_classes(self) -> None:
+        """Make ``classes`` a tuple of names and ``risk_order`` a tuple of indices, and
+        refuse fewer than 2 classes, repeated names or a risk order that is not a
+        permutation of the class indices (for ``__post_init__``)."""
+        self.classes = tuple(str(c) for c in self.classes)
+        self.risk_order = tuple(int(i) for i in (self.risk_order or ()))
+        n = len(self.classes)
+        if n < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
+        if len(set(self.classes)) != n:
+            raise ValueError(f"class names repeat: {list(self.classes)}")
+        if self.risk_order and sorted(self.risk_order) != list(range(n)):
+            raise ValueError(
+                f"risk_order must list each class index once, got {list(self.risk_order)}"
+            )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """Settings from ``to_dict`` output (unknown keys are an error)."""
