@@ -212,3 +212,40 @@ def test_map_contributions_sum_to_the_class_scores():
     torch.testing.assert_close(
         contributions.sum(-1) + model.classifier[-1].bias, logits, rtol=1e-4, atol=1e-4
     )
+
+
+def test_one_pass_step_while_the_graph_fits_gives_the_two_pass_gradients_and_statistics():
+    """Train-mode BN: keeping pass 1's graph (all of it, or the first chunk's until the
+    budget runs out) changes neither the gradients nor the BN running statistics."""
+    from napari_slide_attention.models.grid_attention import _SavedBytes
+
+    tiles, cells, shape = grid_tiles()
+
+    def chunks():
+        return (tiles[i : i + 4] for i in range(0, len(tiles), 4))
+
+    probe = small_model()
+    probe.train()
+    counter = _SavedBytes(0)
+    with counter:
+        probe.trainable_features(probe.frozen_features(probe.prepare(tiles[:4])))
+    assert counter.saved > 0
+    reference = small_model()
+    reference.train()
+    reference.train_step(chunks, cells, shape, target=1, cache_bytes=0)
+    # all of it fits: 3 chunk passes; only the first chunk: 3 + 3 again in pass 2
+    for budget, passes in ((1 << 30, 3), (int(counter.saved * 1.5), 6)):
+        model = small_model()
+        model.train()
+        calls = []
+        embed = model.trainable_features
+        model.trainable_features = lambda h, embed=embed: calls.append(1) or embed(h)
+        model.train_step(chunks, cells, shape, target=1, cache_bytes=budget)
+        assert len(calls) == passes
+        expected = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, expected[name].grad, msg=name)
+        torch.testing.assert_close(
+            model.trunk.layer4[0].bn1.running_mean, reference.trunk.layer4[0].bn1.running_mean
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,44 @@ def test_bad_settings_are_refused():
         GridTrainSettings(scale_range=(1.2, 0.8))
     with pytest.raises(ValueError, match="unknown"):
         GridTrainSettings.from_dict({"epochs": 1, "colour": "red"})
+
+
+def test_validation_reuses_the_frozen_trunk_output_within_its_budget(
+    tiny_cohort, tiny_grid_model, monkeypatch
+):
+    from napari_slide_attention.train.grid import FrozenCache, _prepare, evaluate_grid
+
+    model, _ = load_model(tiny_grid_model)
+    settings = tiny_settings()
+    val = run_to_end(_prepare(tiny_cohort, "val", settings, model.config.risk, None))
+    n_pieces = sum(len(item.pieces) for item in val)
+    computed = []
+    frozen_chunks = model.frozen_chunks
+    monkeypatch.setattr(
+        model, "frozen_chunks", lambda *a, **k: computed.append(1) or frozen_chunks(*a, **k)
+    )
+
+    def run(cache):
+        metrics, rows = evaluate_grid(
+            model,
+            val,
+            tiny_cohort.classes,
+            device=torch.device("cpu"),
+            amp=False,
+            chunk_tiles=8,
+            aggregation="highest-risk",
+            frozen_cache=cache,
+        )
+        return np.array([row["probabilities"] for row in rows])
+
+    plain = run(None)
+    assert computed == []
+    cache = FrozenCache(1 << 30)
+    assert run(cache) == pytest.approx(plain, abs=1e-6)
+    assert len(computed) == n_pieces and len(cache.pieces) == n_pieces
+    assert run(cache) == pytest.approx(plain, abs=1e-6)
+    assert len(computed) == n_pieces  # the second epoch computed nothing again
+    smallest = min(sum(h.numel() * h.element_size() for h in p) for p in cache.pieces.values())
+    small = FrozenCache(smallest - 1)  # not even one piece fits
+    assert run(small) == pytest.approx(plain, abs=1e-6)
+    assert small.pieces == {} and small.used == 0

@@ -229,12 +229,19 @@ class GridAttention(TileNetwork):
 
     # -- chunked passes ------------------------------------------------------------------
     def _embed_chunks(
-        self, chunks: Iterable[torch.Tensor], device: torch.device, autocast: Autocast
+        self,
+        chunks: Iterable[torch.Tensor],
+        device: torch.device,
+        autocast: Autocast,
+        frozen: bool = False,
     ) -> Iterator[torch.Tensor]:
-        for tiles in chunks:
+        for x in chunks:
             with autocast():
-                x = self.prepare_on(tiles, device)
-                features = self.trainable_features(self.frozen_features(x))
+                if frozen:
+                    x = x.to(device, non_blocking=True)
+                else:
+                    x = self.frozen_features(self.prepare_on(x, device))
+                features = self.trainable_features(x)
             yield features.float()
 
     @torch.no_grad()
@@ -246,6 +253,7 @@ class GridAttention(TileNetwork):
         *,
         device: torch.device | str | None = None,
         amp: bool | None = None,
+        frozen: bool = False,
     ) -> GridOutput:
         """Inference on a grid whose tiles arrive in chunks; memory: one chunk + U.
 
@@ -255,10 +263,13 @@ class GridAttention(TileNetwork):
             grid_shape: (H', W').
             device: where to compute (default: where the model is).
             amp: autocast (fp16 on CUDA, bf16 on CPUs that support it); None = on CUDA only.
+            frozen: the chunks hold the frozen stages' output for the tiles
+                (``frozen_features(prepare_on(tiles))``), which stays valid while those
+                stages do not change: validation during training re-uses it each epoch.
         """
         device = torch.device(device) if device is not None else model_device(self)
         autocast = Autocast(device, amp)
-        features = torch.cat(list(self._embed_chunks(chunks, device, autocast)))
+        features = torch.cat(list(self._embed_chunks(chunks, device, autocast, frozen)))
         u, tissue = cells_to_grid(features, cells.to(device), grid_shape)
         logits, maps, scores = self.attend(u, tissue)
         return GridOutput(logits[0], maps[0], scores[0], features)
@@ -278,10 +289,12 @@ class GridAttention(TileNetwork):
     ) -> StepResult:
         """Accumulate the gradients of one grid's cross-entropy loss (no optimiser step).
 
-        Pass 1 embeds every chunk without autograd (BN of trainable stages in train mode,
-        updating running statistics once); the head's backward then gives dL/dU; pass 2
-        re-embeds each chunk with autograd and back-propagates its slice of dL/dU (BN
-        statistics frozen, so both passes compute the same features).
+        Pass 1 embeds every chunk (BN of trainable stages in train mode, updating running
+        statistics once); the head's backward then gives dL/dU; pass 2 re-embeds each
+        chunk with autograd and back-propagates its slice of dL/dU (BN statistics frozen,
+        so both passes compute the same features). While the tensors autograd saves for
+        the trainable stages fit in ``cache_bytes``, pass 1 keeps its graph and the
+        backward runs through it directly: a grid that fits needs no pass 2.
 
         Args:
             chunks: called once or twice; each call yields the same tiles, same order.
@@ -292,27 +305,40 @@ class GridAttention(TileNetwork):
             class_weights: (C,) cross-entropy class weights.
             device: where to compute (default: where the model is).
             amp: autocast as in ``predict_chunks``.
-            cache_bytes: keep the frozen stages' output of pass 1 for pass 2 while it
-                fits in this many bytes (saves recomputing and re-reading; 0 = never).
+            cache_bytes: memory pass 1 may keep to save work: its autograd graph while
+                that fits (no pass 2), else the frozen stages' output while that fits
+                (pass 2 without recomputing or re-reading them); 0 = neither.
         """
         device = torch.device(device) if device is not None else model_device(self)
         autocast = Autocast(device, amp)
         trainable = self.config.trainable_blocks > 0
         cache: list[torch.Tensor] | None = [] if (trainable and cache_bytes > 0) else None
+        graph = _SavedBytes(cache_bytes) if cache is not None else None
         cached = 0
         parts = []
         with torch.no_grad():
             for tiles in chunks():
                 with autocast():
                     h = self.frozen_features(self.prepare_on(tiles, device))
-                    parts.append(self.trainable_features(h).float())
+                    if graph is not None and graph.fits:
+                        with torch.enable_grad(), graph:
+                            out = self.trainable_features(h).float()
+                        if not graph.fits:  # over budget: from here on, two passes
+                            parts = [p.detach() for p in parts]
+                            out = out.detach()
+                    else:
+                        out = self.trainable_features(h).float()
+                parts.append(out)
                 if cache is not None:
                     cached += h.numel() * h.element_size()
                     if cached <= cache_bytes:
                         cache.append(h)
                     else:
                         cache = None
-        features = torch.cat(parts).requires_grad_(trainable)
+        one_pass = graph is not None and graph.fits
+        features = torch.cat(parts)
+        if not one_pass:
+            features.requires_grad_(trainable)
         del parts
         u, tissue = cells_to_grid(features, cells.to(device), grid_shape)
         logits, _, _ = self.attend(u, tissue)
@@ -321,13 +347,11 @@ class GridAttention(TileNetwork):
             logits, torch.tensor([int(target)], device=device), weight=weight
         ) * float(loss_scale)
         loss.backward()
-        if trainable:
+        if trainable and not one_pass:
             grad = features.grad
             start = 0
             with _frozen_batchnorm_stats([*self.trainable_stages, self.trunk.final_bn]):
-                source = (
-                    cache if cache is not None else self._frozen_chunks(chunks, device, autocast)
-                )
+                source = cache if cache is not None else self.frozen_chunks(chunks, device, amp)
                 for h in source:
                     with autocast():
                         out = self.trainable_features(h).float()
@@ -341,12 +365,37 @@ class GridAttention(TileNetwork):
                 )
         return StepResult(float(loss.detach()), logits.detach()[0])
 
-    def _frozen_chunks(
-        self, chunks: Callable[[], Iterable[torch.Tensor]], device: torch.device, autocast
+    def frozen_chunks(
+        self,
+        chunks: Callable[[], Iterable[torch.Tensor]],
+        device: torch.device,
+        amp: bool | None = None,
     ) -> Iterator[torch.Tensor]:
+        """The frozen stages' output for each chunk of tiles (no autograd)."""
+        autocast = Autocast(device, amp)
         for tiles in chunks():
             with autocast():
                 yield self.frozen_features(self.prepare_on(tiles, device))
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd saves for backward inside the block, parameters aside;
+    ``fits`` stays true while the total is within ``budget`` (tensors that share storage
+    count twice, so the count errs high)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.saved = 0
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_leaf and t.requires_grad):  # parameters are kept anyway
+            self.saved += t.numel() * t.element_size()
+        return t
+
+    @property
+    def fits(self) -> bool:
+        return self.saved <= self.budget
 
 
 @contextlib.contextmanager

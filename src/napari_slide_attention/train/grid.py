@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,10 @@ class GridTrainSettings(SettingsRecord):
         augment: draw the paper's augmentation for every sample every epoch.
         scale_range: random tile scaling range.
         chunk_tiles: tiles per forward chunk (memory per step: one chunk + the grid).
-        cache_mb: keep the frozen trunk's output of a step for its second pass up to this
-            size (saves recomputation; 0 = always recompute).
+        cache_mb: memory (MB) that saves recomputation: a step keeps its graph, or the
+            frozen trunk's output for its second pass, up to this size; validation keeps
+            the frozen trunk's output of its pieces across epochs up to this size again
+            (0 = always recompute).
         weights: a local file of pretrained trunk weights (safetensors or a state dict).
         calibrate_bn: estimate the frozen trunk's BN statistics from training tiles
             (None = when no weights were given).
@@ -224,6 +226,42 @@ def _sample_tiles(data: list[_SlideData], per_slide: int):
                 yield from first.numpy()
 
 
+class FrozenCache:
+    """The frozen trunk stages' output per tissue piece, kept up to a budget of bytes.
+
+    Validation tiles are not augmented and frozen stages never change, so what they
+    compute for a validation piece is the same every epoch; with the cache only the
+    trainable stages and the head run again. Pieces are kept whole or not at all, in
+    the order they come, until the budget is spent.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self.pieces: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def chunks(
+        self, key: tuple[str, int], compute: Callable[[], Iterable[torch.Tensor]]
+    ) -> Iterator[torch.Tensor]:
+        """The piece's frozen chunks: from the cache, or from ``compute()`` (kept if they fit)."""
+        if key in self.pieces:
+            yield from self.pieces[key]
+            return
+        kept: list[torch.Tensor] | None = []
+        size = 0
+        for h in compute():
+            if kept is not None:
+                size += h.numel() * h.element_size()
+                if self.used + size <= self.budget:
+                    kept.append(h)
+                else:
+                    kept = None
+            yield h
+        if kept is not None:
+            self.pieces[key] = kept
+            self.used += size
+
+
 def evaluate_grid(
     model: GridAttention,
     data: list[_SlideData],
@@ -233,8 +271,13 @@ def evaluate_grid(
     amp: bool,
     chunk_tiles: int,
     aggregation: str,
+    frozen_cache: FrozenCache | None = None,
 ) -> tuple[Metrics, list[dict[str, Any]]]:
-    """Slide-level metrics of ``model`` on prepared slides (no augmentation)."""
+    """Slide-level metrics of ``model`` on prepared slides (no augmentation).
+
+    ``frozen_cache`` keeps the frozen stages' output between calls (the same slides
+    each epoch, the frozen stages unchanged).
+    """
     from ..inference import aggregate
 
     model.eval()
@@ -242,11 +285,20 @@ def evaluate_grid(
     for item in data:
         with open_slide(item.slide) as slide:
             piece_probs = []
-            for piece in item.pieces:
+            for index, piece in enumerate(item.pieces):
                 chunks, cells, shape = tile_chunks(
                     slide, piece, item.level, chunk_tiles=chunk_tiles
                 )
-                out = model.predict_chunks(chunks(), cells, shape, device=device, amp=amp)
+                if frozen_cache is None:
+                    out = model.predict_chunks(chunks(), cells, shape, device=device, amp=amp)
+                else:
+                    frozen = frozen_cache.chunks(
+                        (item.slide, index),
+                        lambda chunks=chunks: model.frozen_chunks(chunks, device, amp),
+                    )
+                    out = model.predict_chunks(
+                        frozen, cells, shape, device=device, amp=amp, frozen=True
+                    )
                 piece_probs.append(torch.softmax(out.logits.float(), 0).cpu().numpy())
         p, _ = aggregate(piece_probs, aggregation, model.config.risk)
         truth.append(item.label)
@@ -336,6 +388,7 @@ def train_grid(
     yield from run.restore(model, optimizer, settings.epochs)
     steps_per_epoch = math.ceil(len(samples) / settings.samples_per_step)
     cache_bytes = settings.cache_mb << 20
+    val_cache = FrozenCache(cache_bytes)
 
     def train_epoch(
         epoch: int, rng: np.random.Generator, lr: float
@@ -400,6 +453,7 @@ def train_grid(
             amp=amp,
             chunk_tiles=settings.chunk_tiles,
             aggregation=settings.aggregation,
+            frozen_cache=val_cache,
         )
         entries = {
             "val_loss": slide_loss(rows),
