@@ -109,3 +109,29 @@ def test_cuda_autocast_channels_last_matches_cpu(tiny_cohort, tiny_grid_model):
     assert gpu.info["device"].startswith("cuda") and gpu.info["amp"]
     for a, b in zip(gpu.pieces, cpu.pieces, strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=0.05)
+
+
+def test_on_tiles_follows_every_chunk_and_an_exception_from_it_stops_the_run(
+    tiny_cohort, tiny_grid_model
+):
+    slide = tiny_cohort.split("test")[0].slide
+    seen: list[int] = []
+    result = run_to_end(predict(tiny_grid_model, slide, chunk_tiles=4, on_tiles=seen.append))
+    assert sum(seen) == result.info["tiles"] and max(seen) <= 4 and len(seen) > 2
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:
+            raise Stop
+
+    calls: list[int] = []
+    events = []
+    with pytest.raises(Stop):
+        run_to_end(
+            predict(tiny_grid_model, slide, chunk_tiles=4, on_tiles=stop_after_two),
+            events.append,
+        )
+    assert len(calls) == 2 and not [e for e in events if e.stage == "piece"][1:]

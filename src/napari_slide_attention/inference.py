@@ -105,6 +105,7 @@ def predict_slide(
     amp: bool | None = None,
     mpp: float | None = None,
     pieces: Sequence[PieceSample] | None = None,
+    on_tiles: Callable[[int], Any] | None = None,
 ) -> Generator[Progress, None, SlideResult]:
     """Run a grid-attention model on a slide, piece by piece.
 
@@ -119,6 +120,9 @@ def predict_slide(
         amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = where it is native.
         mpp: pixel size override for slides without one.
         pieces: the samples to run (default: all tissue pieces of the slide).
+        on_tiles: called with the number of tiles after each chunk the model reads, so
+            a caller follows progress inside a piece; an exception raised from it stops
+            the run there (the GUI's Cancel, within one chunk).
 
     Yields:
         Progress events: "tissue", then one "piece" per piece (data: "piece" holds the
@@ -178,6 +182,7 @@ def predict_slide(
             min_tissue=min_tissue,
             mpp=mpp,
             pieces=pieces,
+            on_tiles=on_tiles,
         )
     )
 
@@ -239,6 +244,19 @@ def load_for_inference(
     return LoadedModel(model, device, use_amp, checkpoint_path, start)
 
 
+def _reporting(
+    chunks: Callable[[], Iterator[torch.Tensor]], on_tiles: Callable[[int], Any]
+) -> Callable[[], Iterator[torch.Tensor]]:
+    """``chunks`` that call ``on_tiles(len(chunk))`` as each chunk is handed on."""
+
+    def reported() -> Iterator[torch.Tensor]:
+        for chunk in chunks():
+            on_tiles(int(chunk.shape[0]))
+            yield chunk
+
+    return reported
+
+
 RunPiece = Callable[
     [PieceSample, Callable[[], Iterator[torch.Tensor]], torch.Tensor, tuple[int, int]],
     tuple[dict[str, Any], int],
@@ -258,6 +276,7 @@ def predict_pieces(
     min_tissue: float = 0.5,
     mpp: float | None = None,
     pieces: Sequence[PieceSample] | None = None,
+    on_tiles: Callable[[int], Any] | None = None,
 ) -> Generator[Progress, None, SlideResult]:
     """What every model's slide inference shares: opening the slide, finding its tissue
     pieces, reading each piece's tiles, progress, and assembling the ``SlideResult``.
@@ -272,7 +291,8 @@ def predict_pieces(
             arrays, info as it has them) and the piece's class index.
         finish: the pieces' results -> the slide's probabilities, class index,
             aggregation name and extra ``info`` entries.
-        chunk_tiles, tissue, min_tissue, mpp, pieces: as ``predict_slide`` takes them.
+        chunk_tiles, tissue, min_tissue, mpp, pieces, on_tiles: as ``predict_slide``
+            takes them.
 
     Yields:
         Progress events, as ``predict_slide``'s.
@@ -312,6 +332,8 @@ def predict_pieces(
         for i, sample in enumerate(pieces):
             t0 = time.perf_counter()
             chunks, cells, shape = tile_chunks(slide, sample, level, chunk_tiles=chunk_tiles)
+            if on_tiles is not None:
+                chunks = _reporting(chunks, on_tiles)
             fields, call = run_piece(sample, chunks, cells, shape)
             info = fields.pop("info", {})
             piece = PieceResult(

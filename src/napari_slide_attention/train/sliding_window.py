@@ -789,6 +789,7 @@ def predict_slide_sliding_window(
     pieces: Sequence[PieceSample] | None = None,
     aggregation: str = "thresholds",
     top_k: int = 15,
+    on_tiles: Callable[[int], Any] | None = None,
 ) -> Generator[Progress, None, SlideResult]:
     """Run the sliding-window baseline on a slide, piece by piece.
 
@@ -811,6 +812,7 @@ def predict_slide_sliding_window(
             the ``top_k`` highest tile probabilities, renormalised; the class with the
             highest).
         top_k: tiles per class for "top-k-mean" (the paper: 15).
+        on_tiles: as ``predict_slide``'s (progress inside a piece; raise to stop).
 
     Yields:
         Progress events: "tissue", then one "piece" per piece (data: "piece" holds the
@@ -881,6 +883,7 @@ def predict_slide_sliding_window(
             min_tissue=min_tissue,
             mpp=mpp,
             pieces=pieces,
+            on_tiles=on_tiles,
         )
     )
 
