@@ -61,6 +61,9 @@ def test_round_trip_keeps_kind_config_extra_and_tensors(tmp_path):
     for name, tensor in expected.items():
         assert loaded.tensors[name].dtype == tensor.dtype
         assert torch.equal(loaded.tensors[name], tensor), name
+    header = read_checkpoint(path, tensors=False)  # what a file picker reads
+    assert (header.kind, header.config, header.extra) == ("toy", CONFIG, EXTRA)
+    assert header.tensors == {}
 
 
 def test_file_is_plain_safetensors_with_json_metadata(tmp_path):

@@ -130,7 +130,7 @@ def save_checkpoint(
     return _atomic_save(state_dict, metadata, path)
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
     try:
@@ -138,7 +138,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
+        tensors = load_file(str(path)) if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             path, f"not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
@@ -162,14 +162,19 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, *, tensors: bool = True) -> Checkpoint:
     """The checkpoint at ``path``: kind, config, tensors and extras.
+
+    Args:
+        path: the checkpoint file.
+        tensors: read the weights too; False reads the header alone (kind, config,
+            extras: what a file picker shows) and leaves ``tensors`` empty.
 
     Raises:
         CheckpointError: missing, unreadable, not ours, or from a newer format.
     """
     path = Path(path)
-    tensors, metadata = _read(path)
+    tensors, metadata = _read(path, with_tensors=tensors)
     try:
         config = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
