@@ -96,7 +96,6 @@ def attention_layer_data(
     r1 = max(p.grid_origin[1] // tile + p.maps.shape[1] for p in pieces)
     c1 = max(p.grid_origin[0] // tile + p.maps.shape[2] for p in pieces)
     data = np.zeros((n_maps, r1 - r0, c1 - c0), dtype=np.float32)  # (m, rows, cols)
-    weights = np.zeros(n_maps)
     for p in pieces:
         peak = p.maps.max(axis=(1, 2), keepdims=True)
         maps = np.divide(p.maps, peak, out=np.zeros_like(p.maps), where=peak > 0)
@@ -104,10 +103,7 @@ def attention_layer_data(
         h, w = p.maps.shape[1:]
         region = data[:, r : r + h, c : c + w]
         np.maximum(region, maps, out=region)  # neighbouring pieces' grids may share cells
-        contributions = p.arrays.get("map_contributions")
-        if contributions is not None:
-            weights += contributions[result.predicted]
-    order = np.argsort(-weights, kind="stable")
+    order, weights = map_ranking(result)
     sy, sx = scale
     # A cell covers level-0 px [a, a + tile); its centre in napari's pixel-centre world
     # coordinates is (a + tile / 2 - 0.5) * mpp.
@@ -125,7 +121,7 @@ def attention_layer_data(
         "contrast_limits": (0.0, 1.0),
         "metadata": {
             "map_order": order.tolist(),
-            "map_weights": weights[order].tolist(),
+            "map_weights": weights.tolist(),
             "classes": list(result.classes),
             "predicted": result.predicted_class,
             "tile_size": int(tile),
@@ -133,6 +129,31 @@ def attention_layer_data(
         },
     }
     return data[order], kwargs, "image"
+
+
+def map_ranking(result: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Return the attention maps' numbers, strongest first, and their weights in that order.
+
+    A map's weight is its contribution to the predicted class's score, W[c, k]·z_k summed
+    over the pieces with maps (``arrays["map_contributions"]``); without contributions
+    all weights are 0 and the maps keep their own order.
+
+    Args:
+        result: a grid-attention ``SlideResult`` (or a ``PartialResult``).
+
+    Raises:
+        ValueError: the result has no attention maps.
+    """
+    pieces = [p for p in result.pieces if p.maps is not None]
+    if not pieces:
+        raise ValueError("the result has no attention maps")
+    weights = np.zeros(pieces[0].maps.shape[0])
+    for p in pieces:
+        contributions = p.arrays.get("map_contributions")
+        if contributions is not None:
+            weights += contributions[result.predicted]
+    order = np.argsort(-weights, kind="stable")
+    return order, weights[order]
 
 
 # Tile classes get these edge colours in class order (colour-blind safe, Okabe-Ito).
