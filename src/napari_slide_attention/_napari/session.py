@@ -20,6 +20,7 @@ import numpy as np
 from psygnal import Signal
 
 from ..slide.reader import Slide, open_slide
+from ..slide.tissue import TissueParams
 from .layers import (
     attention_layer_data,
     glimpse_layer_data,
@@ -79,6 +80,8 @@ class Session:
         labels: the cohort's label store (None without a cohort).
         result: the latest model result for ``slide``.
         checkpoints: checkpoints offered in the Model panel, newest last.
+        tissue: the tissue parameters the Slide panel set (None = the defaults); the
+            Model panel runs with them.
     """
 
     slide_opened = Signal(object)  # the Slide
@@ -95,6 +98,7 @@ class Session:
         self.labels: LabelStore | None = None
         self.result: SlideResult | PartialResult | None = None
         self.checkpoints: list[str] = []
+        self.tissue: TissueParams | None = None
         self._layers: dict[str, Any] = {}
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
 

@@ -1,0 +1,149 @@
+"""The Slide and Model panels in a real viewer: open, tissue preview, run, cancel,
+alignment of the attention layer with the slide, and a responsive event loop."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_slide_attention._napari.session import session_for
+from napari_slide_attention.slide.synthetic import read_sidecar, write_synthetic_slide
+
+PLUGIN = "napari-slide-attention"
+
+pytestmark = pytest.mark.gui
+
+
+def dock(viewer, name: str):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+@pytest.fixture
+def sample_slide(tmp_path):
+    path = tmp_path / "needle.tif"
+    write_synthetic_slide(path, size=(2048, 1536), label="carcinoma", seed=3, n_pieces=1)
+    return path
+
+
+def test_slide_panel_opens_a_slide_shows_facts_and_previews_the_tissue(
+    make_napari_viewer, qtbot, sample_slide
+):
+    viewer = make_napari_viewer()
+    panel = dock(viewer, "Slide")
+    panel.open_slide(sample_slide)
+    session = session_for(viewer)
+    assert session.slide is not None and session.layer("slide").multiscale
+    assert "0.5" in panel.facts.text() and "20x" in panel.facts.text()
+    qtbot.waitUntil(lambda: session.layer("tissue") is not None, timeout=30_000)
+    first = session.layer("tissue").data.sum()
+    assert "tissue in 1 piece" in panel.tissue_status.text()
+    # a larger smallest-piece area than the piece itself: the preview drops it
+    panel.fields["min_piece_area_um2"].setValue(1e8)
+    qtbot.waitUntil(lambda: session.layer("tissue").data.sum() < first, timeout=30_000)
+    assert session.tissue.min_piece_area_um2 == 1e8
+    assert "0 piece(s)" in panel.tissue_status.text()
+
+
+def test_slide_panel_reports_a_file_that_is_not_a_slide(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    panel = dock(viewer, "Slide")
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+    assert panel.open_slide(bad) is None
+    assert "broken.svs" in panel.status.text()
+    assert session_for(viewer).slide is None and len(viewer.layers) == 0
+
+
+def test_slide_panel_lists_a_cohort_and_opens_its_slides(make_napari_viewer, qtbot, tiny_cohort):
+    viewer = make_napari_viewer()
+    panel = dock(viewer, "Slide")
+    panel.open_cohort(tiny_cohort.path)
+    assert panel.cohort_list.count() == len(tiny_cohort.entries)
+    panel._open_item(panel.cohort_list.item(2))
+    session = session_for(viewer)
+    assert session.cohort_index() == 2
+    assert panel.cohort_list.currentRow() == 2
+    session.step_slide(+1)
+    assert session.cohort_index() == 3 and panel.cohort_list.currentRow() == 3
+    assert len([layer for layer in viewer.layers if layer.multiscale]) == 1
+
+
+def test_model_panel_runs_a_checkpoint_and_the_attention_lands_on_the_lesion(
+    make_napari_viewer, qtbot, tiny_cohort, tiny_grid_model
+):
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    entry = next(e for e in tiny_cohort.entries if e.split == "test" and e.lesions)
+    session.open_slide(entry.slide)
+    panel = dock(viewer, "Model")
+    panel.set_checkpoint(tiny_grid_model)
+    assert "grid attention" in panel.kind.text() and "4 maps" in panel.kind.text()
+    assert panel.run_button.isEnabled()
+    panel.batch.setValue(8)
+    shown = []
+    session.result_shown.connect(shown.append)
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.status.text().startswith("done"), panel.status.text()
+    result = session.result
+    assert result.predicted_class in panel.call.text()
+    assert panel.table.rowCount() == len(result.classes)
+    # pieces arrived one by one before the whole result
+    assert len(shown) == len(result.pieces) + 1
+    layer = session.layer("attention")
+    assert layer.data.shape[0] == 4
+    # a lesion's centre in µm falls on a grid cell whose tile holds the lesion
+    (x, y, w, h), _ = entry.lesions[0]
+    world = session.to_world(x + w / 2, y + h / 2)
+    _, row, col = np.round(layer.world_to_data((0, *world))).astype(int)
+    tile = layer.metadata["tile_size"]
+    ox, oy = layer.metadata["origin"]
+    cell_x, cell_y = ox + col * tile, oy + row * tile
+    assert cell_x <= x + w / 2 < cell_x + tile and cell_y <= y + h / 2 < cell_y + tile
+
+
+def test_model_panel_refuses_a_file_that_is_not_a_checkpoint(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    panel = dock(viewer, "Model")
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    panel.set_checkpoint(bad)
+    assert "weights.safetensors" in panel.kind.text()
+    assert not panel.run_button.isEnabled()
+
+
+def test_cancel_stops_a_run_within_a_second_and_the_event_loop_never_stalls(
+    make_napari_viewer, qtbot, tmp_path, tiny_grid_model
+):
+    from qtpy.QtCore import QTimer
+
+    path = tmp_path / "large.tif"
+    write_synthetic_slide(path, size=(8192, 6144), label="carcinoma", seed=1, n_pieces=2)
+    viewer = make_napari_viewer(show=True)
+    session = session_for(viewer)
+    session.open_slide(path)
+    panel = dock(viewer, "Model")
+    panel.set_checkpoint(tiny_grid_model)
+    panel.batch.setValue(4)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    panel.run()
+    qtbot.waitUntil(lambda: panel._tiles[0] > 8, timeout=60_000)
+    qtbot.wait(1000)  # let it work (and the viewer draw) for a while
+    start = time.perf_counter()
+    panel.cancel()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=5_000)
+    took = time.perf_counter() - start
+    timer.stop()
+    assert took < 1.0, f"cancel took {took:.2f} s"
+    assert panel.status.text() == "cancelled"
+    assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
+    gaps = np.diff(ticks)
+    assert len(gaps) > 50 and gaps.max() < 0.2, f"longest stall {gaps.max():.3f} s"
+    assert read_sidecar(path)["lesions"]  # (the slide had something to find)
