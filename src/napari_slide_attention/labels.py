@@ -217,7 +217,7 @@ def _check_geometry(geometry: Iterable[Sequence[float]], kind: str) -> tuple[Ver
             raise ValueError(f"vertex {n} is ({x}, {y}); coordinates must be finite")
         vertices.append((x, y))
     # a ring written closed (GeoJSON style) is the same region
-    if len(vertices) > 3 and vertices[0] == vertices[-1]:
+    if len(vertices) > 1 and vertices[0] == vertices[-1]:
         vertices.pop()
     if kind == "polygon" and len(vertices) < 3:
         raise ValueError(f"a polygon needs at least 3 vertices, got {len(vertices)}")
