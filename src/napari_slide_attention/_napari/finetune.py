@@ -39,7 +39,6 @@ __all__ = [
     "FineTuneRequest",
     "MetricRow",
     "ProcessJob",
-    "default_label_store",
     "default_out_folder",
     "epoch_row",
     "evaluate_command",
@@ -133,17 +132,6 @@ def default_out_folder(base: str | os.PathLike, now: datetime | None = None) -> 
         n += 1
         out = folder / f"{stem}-{n}"
     return out
-
-
-def default_label_store(cohort: str | os.PathLike) -> Path:
-    """Returns where a cohort's label store lives by default (``<stem>.labels.sqlite``
-    next to the CSV), as ``LabelStore.default_path`` says."""
-    try:
-        from ..labels import LabelStore
-    except ImportError:  # the label store's module is not there: the documented rule
-        cohort = Path(cohort)
-        return cohort.with_name(f"{cohort.stem}.labels.sqlite")
-    return Path(LabelStore.default_path(cohort))
 
 
 @dataclass
