@@ -350,3 +350,60 @@ def glimpse_layer_data(
         (world.reshape(-1, 2), point_kwargs, "points"),
         (boxes_to_rectangles(boxes.reshape(-1, 4), scale), field_kwargs, "shapes"),
     ]
+
+
+def geometry_to_world(vertices: Any, scale: tuple[float, float]) -> np.ndarray:
+    """Level-0 (x, y) vertices of a region -> napari (y, x) world vertices.
+
+    Region geometry is in level-0 pixel edges (a box (x, y, w, h) has corners x and
+    x + w), as ``boxes_to_rectangles`` draws boxes: half a pixel before the pixel centres.
+    """
+    v = np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
+    return np.stack([(v[:, 1] - 0.5) * scale[0], (v[:, 0] - 0.5) * scale[1]], axis=1)
+
+
+def world_to_geometry(world: Any, scale: tuple[float, float]) -> list[tuple[float, float]]:
+    """napari (y, x) world vertices of a shape -> level-0 (x, y) region vertices (the
+    inverse of ``geometry_to_world``)."""
+    w = np.asarray(world, dtype=np.float64).reshape(-1, 2)
+    return [(float(x) / scale[1] + 0.5, float(y) / scale[0] + 0.5) for y, x in w]
+
+
+def regions_layer_data(
+    regions: Any,
+    classes: Any,
+    scale: tuple[float, float],
+    units: tuple[str, str] = ("µm", "µm"),
+) -> tuple[list[np.ndarray], dict, str]:
+    """A label store's regions of one slide as a shapes layer to draw and edit on.
+
+    Each shape carries the region's ``id``, ``label``, ``kind`` and ``author`` as
+    features and is edged in its class's colour (``CLASS_COLOURS`` by the class's index
+    in ``classes``; grey for a label outside them); new shapes a user draws have id -1
+    until they are labelled.
+    """
+    classes = list(classes)
+    index = np.array([classes.index(r.label) if r.label in classes else -1 for r in regions])
+    colours = _class_colours(np.where(index >= 0, index, 0))
+    colours[index < 0] = [0.6, 0.6, 0.6, 1.0]
+    shapes = [geometry_to_world(r.geometry, scale) for r in regions]
+    kwargs = {
+        "name": "regions",
+        "shape_type": [
+            "rectangle" if r.kind in ("rectangle", "tile") else "polygon" for r in regions
+        ]
+        or "rectangle",
+        "edge_color": colours if len(regions) else "white",
+        "face_color": "transparent",
+        "edge_width": 4 * scale[1],
+        "units": units,
+        "features": {
+            "id": np.array([r.id for r in regions], dtype=np.int64),
+            "label": np.array([r.label for r in regions], dtype=object),
+            "kind": np.array([r.kind for r in regions], dtype=object),
+            "author": np.array([r.author for r in regions], dtype=object),
+        },
+        "feature_defaults": {"id": -1, "label": "", "kind": "", "author": ""},
+        "text": {"string": "{label}", "size": 10, "color": "white", "anchor": "upper_left"},
+    }
+    return shapes, kwargs, "shapes"
