@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import imagecodecs
 import numpy as np
@@ -201,3 +202,186 @@ def test_cli_model_errors_are_one_line(tmp_path, capsys, tiny_cohort):
         == 1
     )
     assert "unknown setting" in capsys.readouterr().err
+
+
+# -- labels and training events ------------------------------------------------------------
+def test_cli_labels_show_export_import(tmp_path, capsys):
+    from napari_slide_attention.labels import LabelStore
+
+    db, slide = tmp_path / "c.labels.sqlite", tmp_path / "a.tif"
+    with LabelStore(db, author="ann") as store:
+        store.set_slide_label(slide, "carcinoma", note="lesion at 3h")
+        store.add_region(
+            slide, [(0, 0), (100, 0), (100, 50), (0, 50)], "carcinoma", kind="rectangle"
+        )
+        store.set_note(slide, "blurry")
+    assert main(["labels", "show", "--store", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "a.tif" in out and "carcinoma" in out and "corrected" in out
+    assert main(["labels", "show", "--store", str(db), "--slide", str(slide), "--history"]) == 0
+    out = capsys.readouterr().out
+    assert "0 0 100 50" in out and "blurry" in out and "lesion at 3h" in out
+    assert "history: 3 change(s)" in out and "region:1" in out
+
+    geojson, table = tmp_path / "a.geojson", tmp_path / "labels.csv"
+    assert main(["labels", "export", "--store", str(db), "--geojson", str(geojson)]) == 0
+    assert "1 region(s)" in capsys.readouterr().out
+    assert (
+        json.loads(geojson.read_text())["features"][0]["properties"]["classification"]["name"]
+        == "carcinoma"
+    )
+    assert main(["labels", "export", "--store", str(db), "--csv", str(table)]) == 0
+    assert "2 row(s)" in capsys.readouterr().out and table.read_text().startswith("slide,kind")
+
+    other = tmp_path / "other.tif"
+    args = ["labels", "import", "--store", str(db), "--geojson", str(geojson)]
+    assert main([*args, "--slide", str(other), "--author", "bob"]) == 0
+    captured = capsys.readouterr()
+    assert "1 region(s)" in captured.out and "does not exist" in captured.err
+    with LabelStore(db) as store:
+        [region] = store.regions(other)
+        assert region.author == "bob" and region.box == (0, 0, 100, 50)
+
+
+def test_cli_labels_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "none.labels.sqlite"
+    assert main(["labels", "show", "--store", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("slide-attention: error:") and str(missing) in err
+    assert not missing.exists()  # showing does not create a store
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    args = ["labels", "import", "--store", str(tmp_path / "c.labels.sqlite"), "--geojson"]
+    assert main([*args, str(bad), "--slide", "a.tif"]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not valid JSON" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.glob("c.labels.sqlite*")) == []  # no empty store left behind
+
+
+def test_event_data_is_reduced_to_json_values():
+    import torch
+
+    from napari_slide_attention.cli import _json_safe
+
+    data = {
+        "loss": np.float32(0.5),
+        "n": np.int64(3),
+        "ok": np.bool_(True),
+        "nan": float("nan"),
+        "tensor": torch.ones(3),
+        "array": np.ones(3),
+        "row": {"f1": [np.float64(0.25), torch.zeros(1), "x"], 4: None},
+        "result": object(),
+    }
+    assert _json_safe(data) == {
+        "loss": 0.5,
+        "n": 3,
+        "ok": True,
+        "nan": None,
+        "row": {"f1": [0.25, "x"], "4": None},
+    }
+
+
+TINY_TRAIN = [
+    "--tile-um",
+    "128",
+    "--input-px",
+    "64",
+    "--n-maps",
+    "4",
+    "--chunk-tiles",
+    "32",
+    "--set",
+    "normalise_tiles=16",
+    "--device",
+    "cpu",
+]
+
+
+def test_cli_train_with_labels_prints_json_events(tiny_cohort, tmp_path, capsys):
+    import signal
+
+    from napari_slide_attention.labels import LabelStore
+    from napari_slide_attention.models.checkpoint import read_checkpoint
+
+    entry = tiny_cohort.entries[0]
+    db = tmp_path / "c.labels.sqlite"
+    args = ["train", "grid", "--cohort", str(tiny_cohort.path), "--out", str(tmp_path / "run")]
+    assert main([*args, "--labels", str(db), "--events", *TINY_TRAIN]) == 1
+    assert "no such label store" in capsys.readouterr().err and not db.exists()
+    with LabelStore(db) as store:
+        store.set_slide_label(entry.slide, tiny_cohort.classes[-1])
+        store.add_region(entry.slide, [(0, 0), (300, 0), (300, 300)], tiny_cohort.classes[-1])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main([*args, "--labels", str(db), "--events", "--epochs", "1", *TINY_TRAIN]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(set(e) == {"stage", "done", "total", "message", "data"} for e in events)
+    labels = events[0]
+    assert labels["stage"] == "labels" and labels["data"]["slide_labels"] == 1
+    assert labels["data"]["regions"] == 1 and labels["data"]["changed"] == 1
+    stages = [e["stage"] for e in events]
+    assert "step" in stages and stages.count("epoch") == 1
+    epoch = events[stages.index("epoch")]
+    assert epoch["done"] == epoch["total"] == 1 and "train_loss" in epoch["data"]["row"]
+    done = events[-1]
+    assert done["stage"] == "done" and done["data"]["epochs_done"] == 1
+    assert done["data"]["stopped"] is False
+    assert read_checkpoint(done["data"]["last"]).kind == "grid-attention"
+    assert Path(done["data"]["best"]).is_absolute()
+
+
+def test_cli_train_stops_cleanly_on_sigint(tiny_cohort, tmp_path):
+    import signal
+
+    from napari_slide_attention.models.checkpoint import load_model
+    from napari_slide_attention.train.cohort import Cohort, write_cohort
+
+    # the train split alone: no validation pass, so the first epoch comes sooner
+    cohort = write_cohort(
+        tmp_path / "train.csv", Cohort(tiny_cohort.classes, tiny_cohort.split("train"))
+    )
+
+    command = [
+        sys.executable,
+        "-m",
+        "napari_slide_attention.cli",
+        "train",
+        "grid",
+        "--cohort",
+        str(cohort),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "100",
+        "--events",
+        *TINY_TRAIN,
+    ]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        events = []
+        for line in child.stdout:
+            events.append(json.loads(line))
+            if events[-1]["stage"] == "epoch":
+                child.send_signal(signal.SIGINT)
+                break
+        events += [json.loads(line) for line in child.stdout]
+        status = child.wait(timeout=120)
+    finally:
+        if child.poll() is None:  # pragma: no cover - only when the test fails
+            child.kill()
+            child.wait()
+    stderr = child.stderr.read()
+    child.stderr.close()
+    child.stdout.close()
+    assert status == 130, stderr
+    stopped = events[-1]
+    assert stopped["stage"] == "stopped", events[-3:]
+    assert stopped["data"]["signal"] == "SIGINT" and stopped["data"]["epochs_done"] >= 1
+    assert [e["stage"] for e in events].count("epoch") < 100
+    last = Path(stopped["data"]["last"])
+    assert last == (tmp_path / "run" / "last.safetensors").absolute() and last.exists()
+    model, checkpoint = load_model(last, device="cpu")
+    assert checkpoint.kind == "grid-attention" and not model.training
+    assert checkpoint.extra["epoch"] + 1 == stopped["data"]["epochs_done"]
+    assert "Traceback" not in stderr

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from . import __version__
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_STOPPED = 130  # what shells report for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def _open(path: str, mpp: float | None):
@@ -193,6 +198,96 @@ class _ProgressPrinter:
         print(f"{event.stage}{total} {event.message}", file=sys.stderr, flush=True)
 
 
+_DROP = object()
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` reduced to what JSON carries, or ``_DROP`` when none of it can go.
+
+    Numbers, strings, bools and None stay (numpy scalars become Python numbers, NaN and
+    infinities None, paths strings); lists, tuples and dicts keep their JSON-safe items;
+    anything else (tensors, arrays, result objects) is dropped: an event line must stay
+    small and parseable by any JSON reader.
+    """
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            item = _json_safe(item)
+            if isinstance(key, str | int | float) and item is not _DROP:
+                out[str(key)] = item
+        return out
+    if isinstance(value, list | tuple):
+        return [item for item in map(_json_safe, value) if item is not _DROP]
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return _json_safe(value.item())  # np.float32 losses, np.int64 counts, np.bool_
+    return _DROP
+
+
+class _EventPrinter:
+    """Prints progress events as JSON lines on stdout, one flushed line per event, for a
+    program (the GUI) that runs the command and follows its output:
+    ``{"stage", "done", "total", "message", "data"}``."""
+
+    def __call__(self, event) -> None:
+        self.emit(event.stage, event.done, event.total, event.message, event.data)
+
+    @staticmethod
+    def emit(
+        stage: str,
+        done: int = 0,
+        total: int = 0,
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        line = {
+            "stage": stage,
+            "done": _json_safe(done),
+            "total": _json_safe(total),
+            "message": str(message),
+            "data": _json_safe(dict(data or {})),
+        }
+        sys.stdout.write(json.dumps(line, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while a run lasts: remembered, not raised, so the run stops at
+    its next progress event instead of in the middle of writing a checkpoint.
+
+    The previous handlers come back when the block ends. Outside the main thread (the
+    command run from a GUI thread) signals cannot be caught there; nothing is installed.
+
+    Attributes:
+        received: the name of the first signal received, or None.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            # None: a handler set outside Python; the default is the nearest we can restore
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for pair in pairs or ():
@@ -273,35 +368,138 @@ def cmd_synth_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .progress import run_to_end
+def _labelled_cohort(args: argparse.Namespace, cohort, events: _EventPrinter | None):
+    """The cohort with the labels of ``--labels`` applied; says what was applied."""
+    from dataclasses import asdict
 
-    cohort = _cohort(args)
-    tissue = _tissue_params(args)
-    printer = _ProgressPrinter(args.quiet)
-    if args.model == "grid":
-        from .train.grid import GridTrainSettings, train_grid
+    from .labels import LabelStore, LabelStoreError, apply_labels_with_summary
 
-        settings = _settings(GridTrainSettings, args)
-        work = train_grid(
-            cohort, args.out, settings, resume=not args.no_resume, tissue=tissue, init=args.init
-        )
-    elif args.model == "dual":
-        from .train.dual import DualTrainSettings, train_dual
-
-        settings = _settings(DualTrainSettings, args)
-        work = train_dual(
-            cohort, args.out, settings, resume=not args.no_resume, tissue=tissue, init=args.init
-        )
+    path = Path(args.labels)
+    if not path.is_file():
+        # opening would create an empty store: a typo must not train on the cohort's labels
+        raise LabelStoreError(path, "no such label store")
+    with LabelStore(path) as store:
+        cohort, applied = apply_labels_with_summary(cohort, store)
+    message = f"labels from {path}: {applied.summary()}"
+    if events is not None:
+        events.emit("labels", message=message, data={"store": str(path), **asdict(applied)})
     else:
-        from .train.sliding_window import SlidingWindowSettings, train_sliding_window
+        print(message, flush=True)
+    return cohort
 
-        settings = _settings(SlidingWindowSettings, args)
-        work = train_sliding_window(
-            cohort, args.out, settings, resume=not args.no_resume, tissue=tissue
+
+def _run_training(
+    work, on_event: Callable[[Any], None], stop: _StopSignals
+) -> tuple[Any, bool, int]:
+    """Drive a training generator until it ends or a stop signal arrives.
+
+    Returns:
+        The run's summary (None when stopped), whether a checkpoint of this run exists
+        (written by it or resumed from), and the epochs completed so far.
+    """
+    own_checkpoint = False
+    epochs_done = 0
+    while True:
+        try:
+            event = next(work)
+        except StopIteration as end:
+            return end.value, own_checkpoint, epochs_done
+        # "resume": the run goes on from the last.safetensors an earlier run left
+        if event.stage in ("epoch", "resume"):
+            own_checkpoint, epochs_done = True, event.done
+        on_event(event)
+        if stop.received is not None:
+            # at a yield no file is half-written: every checkpoint is complete on disk
+            work.close()
+            return None, own_checkpoint, epochs_done
+
+
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    """An event's path, absolute: the program reading the events may run elsewhere."""
+    return None if path is None else str(Path(path).absolute())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    events = _EventPrinter() if args.events else None
+    cohort = _cohort(args)
+    if args.labels:
+        cohort = _labelled_cohort(args, cohort, events)
+    tissue = _tissue_params(args)
+    printer = events if events is not None else _ProgressPrinter(args.quiet)
+    with _StopSignals() as stop:
+        if args.model == "grid":
+            from .train.grid import GridTrainSettings, train_grid
+
+            settings = _settings(GridTrainSettings, args)
+            work = train_grid(
+                cohort,
+                args.out,
+                settings,
+                resume=not args.no_resume,
+                tissue=tissue,
+                init=args.init,
+            )
+        elif args.model == "dual":
+            from .train.dual import DualTrainSettings, train_dual
+
+            settings = _settings(DualTrainSettings, args)
+            work = train_dual(
+                cohort,
+                args.out,
+                settings,
+                resume=not args.no_resume,
+                tissue=tissue,
+                init=args.init,
+            )
+        else:
+            from .train.sliding_window import SlidingWindowSettings, train_sliding_window
+
+            settings = _settings(SlidingWindowSettings, args)
+            work = train_sliding_window(
+                cohort, args.out, settings, resume=not args.no_resume, tissue=tissue
+            )
+        summary, own_checkpoint, epochs_done = _run_training(work, printer, stop)
+    run_dir = Path(args.out)
+    if summary is None:
+        last = run_dir / "last.safetensors"
+        last = last if own_checkpoint and last.exists() else None
+        if events is not None:
+            events.emit(
+                "stopped",
+                epochs_done,
+                0,
+                f"stopped by {stop.received}",
+                {"last": _absolute(last), "epochs_done": epochs_done, "signal": stop.received},
+            )
+        else:
+            if printer.live:  # end the live step line first
+                print(file=sys.stderr)
+            print(
+                f"stopped by {stop.received} after {epochs_done} epoch(s)\n"
+                + (
+                    f"last: {last} (run the same command again to resume)"
+                    if last
+                    else "last: none (no epoch of this run finished)"
+                )
+            )
+        return EXIT_STOPPED
+    if events is not None:
+        events.emit(
+            "done",
+            summary.epochs_done,
+            summary.epochs_done,
+            "training finished",
+            {
+                "best": _absolute(summary.best),
+                "last": _absolute(summary.last),
+                "epochs_done": summary.epochs_done,
+                "stopped": summary.stopped_early,
+                "run_dir": _absolute(run_dir),
+                "log": _absolute(run_dir / "log.csv"),
+            },
         )
-    summary = run_to_end(work, printer)
-    print(f"best: {summary.best}\nlast: {summary.last}\nlog: {Path(args.out) / 'log.csv'}")
+        return 0
+    print(f"best: {summary.best}\nlast: {summary.last}\nlog: {run_dir / 'log.csv'}")
     return 0
 
 
@@ -399,6 +597,171 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- labels ------------------------------------------------------------------------------
+def _existing_store(path: str):
+    """The label store at ``path``; a missing file is an error, not a new store."""
+    from .labels import LabelStore, LabelStoreError
+
+    if not Path(path).is_file():
+        raise LabelStoreError(path, "no such label store")
+    return LabelStore(path)
+
+
+def cmd_labels_export(args: argparse.Namespace) -> int:
+    if args.slide and not args.geojson:
+        raise ValueError("--slide works with --geojson only (the CSV has every slide)")
+    with _existing_store(args.store) as store:
+        if args.geojson:
+            n = store.export_geojson(args.geojson, slide=args.slide)
+            print(f"wrote {n} region(s) to {args.geojson}")
+        else:
+            n = store.export_csv(args.csv)
+            print(f"wrote {n} row(s) (slide labels and regions) to {args.csv}")
+    return 0
+
+
+def cmd_labels_import(args: argparse.Namespace) -> int:
+    from .labels import LabelStore
+
+    store_path = Path(args.store)
+    created = not store_path.exists()
+    try:
+        with (
+            LabelStore(store_path, author=args.author) as store,
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            n = store.import_geojson(args.geojson, args.slide)
+    except BaseException:
+        if created:  # a failed import leaves no empty store behind
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{store_path}{suffix}").unlink(missing_ok=True)
+        raise
+    for warning in caught:
+        print(f"slide-attention: warning: {warning.message}", file=sys.stderr)
+    if not Path(args.slide).exists():
+        print(
+            f"slide-attention: warning: {args.slide} does not exist; the regions are kept "
+            "under its path",
+            file=sys.stderr,
+        )
+    print(f"{args.geojson}: {n} region(s) on {args.slide} in {store_path}")
+    return 0
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as aligned columns under a header."""
+    cells = [[str(v) for v in header], *[[str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _state_text(target: str, state: dict[str, Any] | None) -> str:
+    """One change's old or new state in a few words."""
+    if state is None:
+        return "-"
+    if target == "slide_label":
+        return f"{state['label']} ({state['status']})"
+    if target == "note":
+        return repr(_shorten(state["text"], 30))
+    return f"{state['label']} {state['kind']} ({len(state['geometry'])} vertices)"
+
+
+def cmd_labels_show(args: argparse.Namespace) -> int:
+    from .labels import slide_key
+
+    with _existing_store(args.store) as store:
+        base = store.path.resolve().parent
+
+        def shown(key: str) -> str:
+            # slides next to the store (the cohort's folder) read shorter relative to it
+            path = Path(key)
+            return path.relative_to(base).as_posix() if path.is_relative_to(base) else key
+
+        lines = [f"{store.path}"]
+        if args.slide:
+            key = slide_key(args.slide)
+            label = store.slide_label(key)
+            lines.append(f"slide  {key}")
+            lines.append(
+                "label  "
+                + (
+                    f"{label.label} ({label.status} by {label.author}, {label.time[:19]})"
+                    + (f": {label.note}" if label.note else "")
+                    if label
+                    else "-"
+                )
+            )
+            lines.append(f"note   {store.note(key) or '-'}")
+            regions = store.regions(key)
+            lines.append(f"regions  {len(regions)}")
+            if regions:
+                rows = [
+                    (
+                        r.id,
+                        r.kind,
+                        r.label,
+                        "{} {} {} {}".format(*r.box),
+                        r.author,
+                        r.time[:19],
+                        _shorten(r.note, 30),
+                    )
+                    for r in regions
+                ]
+                header = ("id", "kind", "label", "box x y w h", "author", "time", "note")
+                lines.append(_table(header, rows))
+        else:
+            labels = store.slide_labels()
+            slides = store.slides()
+            lines[0] += f": {len(slides)} slide(s) with labels, notes or regions"
+            rows = []
+            for key in slides:
+                label = labels.get(key)
+                rows.append(
+                    (
+                        shown(key),
+                        label.label if label else "-",
+                        label.status if label else "-",
+                        len(store.regions(key)),
+                        label.author if label else "-",
+                        label.time[:19] if label else "-",
+                        _shorten(store.note(key), 30),
+                    )
+                )
+            if rows:
+                header = ("slide", "label", "status", "regions", "author", "time", "note")
+                lines.append(_table(header, rows))
+        if args.history:
+            changes = store.history(args.slide)
+            lines.append(f"\nhistory: {len(changes)} change(s)")
+            rows = [
+                (
+                    c.id,
+                    c.time[:19],
+                    c.author,
+                    shown(c.slide),
+                    c.target,
+                    c.action + (f" #{c.undoes}" if c.undoes else ""),
+                    _state_text(c.target, c.old),
+                    _state_text(c.target, c.new),
+                    f"undone by #{c.undone_by}" if c.undone_by else "",
+                )
+                for c in changes
+            ]
+            if rows:
+                header = ("id", "time", "author", "slide", "target", "action", "old", "new", "")
+                lines.append(_table(header, rows))
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slide-attention",
@@ -484,6 +847,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other training setting (JSON value), e.g. --set lr_decay=0.9",
     )
     train.add_argument("--quiet", action="store_true")
+    train.add_argument(
+        "--labels",
+        metavar="DB",
+        help="label store (slide-attention labels): its slide labels and regions replace "
+        "the cohort's",
+    )
+    train.add_argument(
+        "--events",
+        action="store_true",
+        help="print progress as JSON lines on stdout (for programs) instead of text",
+    )
     _add_tissue_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -515,6 +889,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tissue_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
+    labels = sub.add_parser("labels", help="a cohort's label store: export, import, show")
+    labels_sub = labels.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
+    export = labels_sub.add_parser("export", help="regions as QuPath GeoJSON, or labels as CSV")
+    export.add_argument("--store", required=True, help="label store (.labels.sqlite)")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--geojson", metavar="OUT", help="write the regions as GeoJSON")
+    what.add_argument("--csv", metavar="OUT", help="write slide labels and regions as CSV")
+    export.add_argument("--slide", help="GeoJSON: only this slide's regions")
+    export.set_defaults(func=cmd_labels_export)
+    imported = labels_sub.add_parser("import", help="regions from a GeoJSON file (QuPath's)")
+    imported.add_argument("--store", required=True, help="label store (created if missing)")
+    imported.add_argument("--geojson", required=True, metavar="IN")
+    imported.add_argument("--slide", required=True, help="the slide the regions belong to")
+    imported.add_argument("--author", help="who the regions are by (default: login name)")
+    imported.set_defaults(func=cmd_labels_import)
+    show = labels_sub.add_parser("show", help="slide labels and regions as a table")
+    show.add_argument("--store", required=True)
+    show.add_argument("--slide", help="one slide: its label, note and regions")
+    show.add_argument("--history", action="store_true", help="also every change")
+    show.set_defaults(func=cmd_labels_show)
+
     demo = sub.add_parser("demo", help="sample slide in napari (headless: screenshot + report)")
     demo.add_argument("--out", default="out/demo", help="where headless output goes")
     demo.add_argument("--headless", action="store_true", help="no window; write files")
@@ -534,6 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SlideError, ValueError, OSError) as exc:
         if args.debug:
             raise
+        if getattr(args, "events", False):  # a program following the lines learns it too
+            _EventPrinter.emit("error", message=str(exc))
         print(f"slide-attention: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
