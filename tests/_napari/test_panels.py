@@ -147,3 +147,28 @@ def test_cancel_stops_a_run_within_a_second_and_the_event_loop_never_stalls(
     gaps = np.diff(ticks)
     assert len(gaps) > 50 and gaps.max() < 0.2, f"longest stall {gaps.max():.3f} s"
     assert read_sidecar(path)["lesions"]  # (the slide had something to find)
+
+
+def test_all_five_panels_open_from_the_plugin_and_closed_ones_let_go(
+    make_napari_viewer, qtbot, sample_slide
+):
+    from qtpy.QtWidgets import QApplication
+
+    viewer = make_napari_viewer()
+    names = ("Slide", "Model", "Review", "Fine-tune", "Tour")
+    docks = [viewer.window.add_plugin_dock_widget(PLUGIN, name) for name in names]
+    assert [type(w).__name__ for _, w in docks] == [
+        "SlidePanel",
+        "ModelPanel",
+        "ReviewPanel",
+        "FineTunePanel",
+        "TourPanel",
+    ]
+    for dock_widget, _ in docks:
+        viewer.window.remove_dock_widget(dock_widget)
+    QApplication.sendPostedEvents(None, 0)  # deleteLater: the panels are destroyed
+    QApplication.processEvents()
+    session = session_for(viewer)
+    session.open_slide(sample_slide)  # no signal reaches a deleted panel
+    session.add_checkpoint(sample_slide.with_suffix(".safetensors"))
+    assert session.slide is not None

@@ -10,6 +10,7 @@ user's opacity or colormap choice survives the next run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ..results import PieceResult, SlideResult
     from ..train.cohort import Cohort
 
-__all__ = ["PartialResult", "Session", "session_for"]
+__all__ = ["PartialResult", "Session", "connect_while_alive", "session_for"]
 
 # The roles of the layers a result makes (removed when the next slide opens).
 RESULT_ROLES = (
@@ -101,6 +102,12 @@ class Session:
         self.tissue: TissueParams | None = None
         self._layers: dict[str, Any] = {}
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
+
+    @property
+    def camera(self):
+        """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
+        scene = getattr(self.viewer, "scene", None)
+        return scene.camera if scene is not None else self.viewer.camera
 
     # -- coordinates -----------------------------------------------------------------
     @property
@@ -218,7 +225,10 @@ class Session:
         scale, units = self.scale, self.units
         arrays = getattr(result, "arrays", {})
         if any(p.maps is not None for p in result.pieces):
-            self.set_layer("attention", *attention_layer_data(result, scale, units))
+            new = self.layer("attention") is None
+            layer = self.set_layer("attention", *attention_layer_data(result, scale, units))
+            if new:  # napari starts the map slider in the middle: show the strongest map
+                self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, 0)
         else:
             self.remove_layers("attention")
         if "soft_attention" in arrays:
@@ -287,6 +297,22 @@ class Session:
             self.checkpoints.remove(path)
         self.checkpoints.append(path)
         self.checkpoint_added.emit(path)
+
+
+def connect_while_alive(widget: Any, connections: list[tuple[Any, Any]]) -> None:
+    """Connect each (signal, slot) pair, and disconnect them all when Qt destroys
+    ``widget``: the session and the viewer outlive a closed panel, and a signal must
+    never reach a deleted widget."""
+    for signal, slot in connections:
+        signal.connect(slot)
+    widget.destroyed.connect(lambda *_: _disconnect(connections))
+
+
+def _disconnect(connections: list[tuple[Any, Any]]) -> None:
+    """Disconnect (signal, slot) pairs, ignoring those already gone."""
+    for signal, slot in connections:
+        with contextlib.suppress(RuntimeError, TypeError, ValueError):
+            signal.disconnect(slot)
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

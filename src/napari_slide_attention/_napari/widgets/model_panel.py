@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ...progress import Progress
-from ..session import PartialResult, session_for
+from ..session import PartialResult, connect_while_alive, session_for
 
 KIND_NAMES = {
     "grid-attention": "grid attention (Tomita et al.)",
@@ -181,8 +181,13 @@ class ModelPanel(QWidget):
         self._refresh_devices()
         for path in self.session.checkpoints:
             self._offer(path)
-        self.session.checkpoint_added.connect(self._offer)
-        self.session.slide_opened.connect(self._on_slide)
+        connect_while_alive(
+            self,
+            [
+                (self.session.checkpoint_added, self._offer),
+                (self.session.slide_opened, self._on_slide),
+            ],
+        )
         self._update_buttons()
 
     # -- choices -----------------------------------------------------------------------
@@ -205,7 +210,8 @@ class ModelPanel(QWidget):
             self.set_checkpoint(path)
 
     def set_checkpoint(self, path: str | Path) -> None:
-        """Choose this checkpoint (added to the list)."""
+        """Choose this checkpoint (offered to every panel, e.g. as the Fine-tune base)."""
+        self.session.add_checkpoint(path)  # the session's signal comes back to _offer
         self._offer(str(path))
 
     def _offer(self, path: str) -> None:

@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..layers import regions_layer_data, world_to_geometry
-from ..session import session_for
+from ..session import connect_while_alive, session_for
 
 KEYS_HELP = (
     "Keys: 1–9 class of the selected regions (or of the slide) · "
@@ -141,11 +141,17 @@ class ReviewPanel(QWidget):
         layout.addWidget(keys)
         layout.addStretch(1)
 
-        self.session.slide_opened.connect(lambda _: self.refresh())
-        self.session.cohort_opened.connect(lambda _: self.refresh())
-        self.session.result_shown.connect(lambda _: self.refresh(regions=False))
-        self.session.labels_changed.connect(self._on_labels_changed)
         self._bind_keys()
+        connect_while_alive(
+            self,
+            [
+                (self.session.slide_opened, self._on_slide),
+                (self.session.cohort_opened, self._on_slide),
+                (self.session.result_shown, self._on_result),
+                (self.session.labels_changed, self._on_labels_changed),
+                (self.viewer.layers.events.inserted, self._on_inserted),
+            ],
+        )
         self.refresh()
 
     # -- state -------------------------------------------------------------------------
@@ -379,9 +385,10 @@ class ReviewPanel(QWidget):
     def _go_to_region(self, item: QListWidgetItem) -> None:
         region = self.store.region(int(item.data(256)))
         x, y, w, h = region.box
-        self.viewer.camera.center = self.session.to_world(x + w / 2, y + h / 2)
+        camera = self.session.camera
+        camera.center = self.session.to_world(x + w / 2, y + h / 2)
         sy, sx = self.session.scale
-        self.viewer.camera.zoom = 600 / max(w * sx, h * sy, 1e-9)
+        camera.zoom = 600 / max(w * sx, h * sy, 1e-9)
 
     # -- notes and undo ----------------------------------------------------------------
     def save_note(self, text: str) -> None:
@@ -434,7 +441,12 @@ class ReviewPanel(QWidget):
         # come first: on every layer, the number keys mean classes while this panel is open.
         for layer in self.viewer.layers:
             self._bind_class_keys(layer)
-        self.viewer.layers.events.inserted.connect(self._on_inserted)
+
+    def _on_slide(self, _value: Any) -> None:
+        self.refresh()
+
+    def _on_result(self, _result: Any) -> None:
+        self.refresh(regions=False)
 
     def _on_inserted(self, event) -> None:
         self._bind_class_keys(event.value)
@@ -456,7 +468,6 @@ class ReviewPanel(QWidget):
         for key in self._bound:
             self.viewer.bind_key(key, None, overwrite=True)
         self._bound.clear()
-        self.viewer.layers.events.inserted.disconnect(self._on_inserted)
         for layer in self.viewer.layers:
             for key in self._class_keys:
                 layer.bind_key(key, None, overwrite=True)

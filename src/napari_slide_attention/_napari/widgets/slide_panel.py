@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 from ...slide.reader import Slide
 from ...slide.tissue import TissueMask, TissueParams, tissue_mask, tissue_pieces
 from ..layers import boxes_to_rectangles
-from ..session import session_for
+from ..session import connect_while_alive, session_for
 
 SLIDE_FILTER = "Slides (*.svs *.ndpi *.tif *.tiff *.btf *.tf8 *.zarr);;All files (*)"
 
@@ -181,8 +181,13 @@ class SlidePanel(QWidget):
         self._debounce.setInterval(250)
         self._debounce.timeout.connect(self._preview)
 
-        self.session.slide_opened.connect(self._on_slide)
-        self.session.cohort_opened.connect(self._on_cohort)
+        connect_while_alive(
+            self,
+            [
+                (self.session.slide_opened, self._on_slide),
+                (self.session.cohort_opened, self._on_cohort),
+            ],
+        )
         if self.session.slide is not None:
             self._on_slide(self.session.slide)
         if self.session.cohort is not None:

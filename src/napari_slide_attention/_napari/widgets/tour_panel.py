@@ -10,7 +10,6 @@ The panel binds no keys (another panel owns the number keys and PageUp/PageDown)
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from qtpy.QtCore import QTimer
@@ -28,7 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..layers import boxes_to_rectangles, map_ranking
-from ..session import session_for
+from ..session import connect_while_alive, session_for
 from ..tour import (
     ATTENTION,
     SAMPLED,
@@ -137,11 +136,7 @@ class TourPanel(QWidget):
             (self.session.slide_opened, self._on_slide),
             (self.viewer.dims.events.point, self._on_dims),
         ]
-        for signal, slot in connections:
-            signal.connect(slot)
-        # The session and the viewer outlive a closed panel: let go of them when Qt
-        # deletes the panel, so a later result never reaches a deleted widget.
-        self.destroyed.connect(lambda *_: _disconnect(connections))
+        connect_while_alive(self, connections)
         self._on_result(self.session.result)
 
     # -- the tour --------------------------------------------------------------------
@@ -190,7 +185,7 @@ class TourPanel(QWidget):
         stop = self.stops[index]
         if self.tour == ATTENTION and self.map_index is not None:
             self._show_map(self.map_index)
-        camera = self._camera()
+        camera = self.session.camera
         camera.center = stop.centre
         camera.zoom = stop.zoom
         self._highlight(stop)
@@ -357,11 +352,6 @@ class TourPanel(QWidget):
             finally:
                 self._syncing = False
 
-    def _camera(self) -> Any:
-        """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
-        scene = getattr(self.viewer, "scene", None)
-        return scene.camera if scene is not None else self.viewer.camera
-
     def _canvas_px(self) -> int:
         """The smaller side of the viewer's canvas in screen px (``VIEW_PX`` if unknown)."""
         canvas = getattr(self.viewer, "canvas", None)
@@ -375,10 +365,3 @@ class TourPanel(QWidget):
     def closeEvent(self, event) -> None:
         self._timer.stop()
         super().closeEvent(event)
-
-
-def _disconnect(connections: list[tuple[Any, Any]]) -> None:
-    """Disconnect (signal, slot) pairs, ignoring those already gone."""
-    for signal, slot in connections:
-        with contextlib.suppress(RuntimeError, TypeError, ValueError):
-            signal.disconnect(slot)
