@@ -26,7 +26,6 @@ from ..slide.reader import open_slide
 from ..slide.synthetic import read_sidecar, write_synthetic_slide
 from ..slide.tissue import tile_grid, tissue_mask, tissue_pieces
 from .layers import (
-    attention_layer_data,
     boxes_to_rectangles,
     glimpse_layer_data,
     sampled_tiles_layer_data,
@@ -96,9 +95,42 @@ def _lesion_hits(boxes, lesions) -> int:
     return int(hits)
 
 
+PLUGIN = "napari-slide-attention"
+PANELS = ("Slide", "Model", "Review", "Fine-tune", "Tour")
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    """Process Qt events until ``condition()`` holds (the panels' workers report back
+    through the event loop)."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > end:
+            raise TimeoutError(f"demo: {what} did not finish within {timeout:.0f} s")
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def review_cohort(out: Path, sample: Path, label: str) -> Path:
+    """A cohort CSV for the Review panel: the demo's training slides and the sample slide
+    (as a test slide), so every slide on show has a label set and a label store."""
+    from ..train.cohort import CohortEntry, make_synthetic_cohort, write_cohort
+
+    cohort = make_synthetic_cohort(out / "cohort", seed=1, **DEMO_COHORT)
+    cohort.entries.append(CohortEntry(sample, cohort.classes.index(label), "test", lesions=None))
+    return write_cohort(out / "review-cohort.csv", cohort)
+
+
 def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
-    """Write (or reuse) a sample slide, show it in napari; headless: screenshots + report."""
+    """Write (or reuse) a sample slide and open it in napari with all five panels: the
+    grid model runs from the Model panel, the dual model's view is added beside it, the
+    Review panel accepts the label, the Tour panel takes the first stop. Headless:
+    screenshots of the canvas and of each panel, and a report."""
     import napari
+
+    from ..progress import run_to_end
+    from .session import session_for
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,16 +152,9 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     grid = tile_grid(mask, 256, min_tissue=0.5)
     timings["tissue mask + grid (s)"] = time.perf_counter() - start
 
-    from ..inference import predict
-    from ..progress import run_to_end
-
     start = time.perf_counter()
     checkpoint = demo_model(out)
     timings["train demo model (s, cached after the first run)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = run_to_end(predict(checkpoint, slide))
-    result.save(out / "result")
-    timings["predict (s)"] = time.perf_counter() - start
 
     from ..train.dual import predict_slide_dual
 
@@ -140,30 +165,19 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     dual = run_to_end(predict_slide_dual(dual_checkpoint, slide))
     dual.save(out / "result-dual")
     timings["predict dual (s)"] = time.perf_counter() - start
+    cohort_csv = review_cohort(out, path, truth["label"])
 
     # Shown even headless (on Xvfb): a hidden vispy canvas renders nothing into screenshots.
     viewer = napari.Viewer(title="napari-slide-attention demo", show=True)
+    panels = {name: viewer.window.add_plugin_dock_widget(PLUGIN, name)[1] for name in PANELS}
+    session = session_for(viewer)
+    panels["Slide"].open_cohort(cohort_csv)
     start = time.perf_counter()
-    # Through the plugin's reader, as a user's drag and drop would.
-    viewer.open(str(path), plugin="napari-slide-attention")
+    # Through the plugin's reader, as a user's drag and drop would; the session adopts it.
+    viewer.open(str(path), plugin=PLUGIN)
     timings["napari open (s)"] = time.perf_counter() - start
-    scale, units = slide_scale(slide)
-    viewer.add_labels(
-        mask.mask.astype(np.uint8),
-        name="tissue",
-        scale=(scale[0] * mask.downsample, scale[1] * mask.downsample),
-        units=units,
-        opacity=0.3,
-    )
-    viewer.add_shapes(
-        boxes_to_rectangles([p.box for p in pieces], scale),
-        shape_type="rectangle",
-        edge_color="cyan",
-        face_color="transparent",
-        edge_width=20 * scale[0],
-        name="tissue pieces",
-        units=units,
-    )
+    _wait(lambda: session.layer("tissue") is not None, 120, "the tissue preview")
+    scale, units = slide_scale(session.slide)
     viewer.add_shapes(
         boxes_to_rectangles([lesion["box"] for lesion in truth["lesions"]], scale),
         shape_type="rectangle",
@@ -174,16 +188,38 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         units=units,
         features={"class": [lesion["class"] for lesion in truth["lesions"]]},
     )
-    data, attention_kwargs, _ = attention_layer_data(result, scale, units)
-    viewer.add_image(data, **attention_kwargs)
-    viewer.dims.set_current_step(0, 0)  # the map with the most weight in the call
+
+    # The dual model's view, beside the session's grid result (the Model panel shows one
+    # model at a time; the demo shows both).
     soft_data, soft_kwargs, _ = soft_attention_layer_data(dual, scale, units)
     viewer.add_image(soft_data, **{**soft_kwargs, "visible": False})
     tile_rects, tile_kwargs, _ = sampled_tiles_layer_data(dual, scale, units)
     viewer.add_shapes(tile_rects, **tile_kwargs)
     for data, kwargs, kind in glimpse_layer_data(dual, scale, units):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
-    viewer.scale_bar.visible = True
+
+    model_panel = panels["Model"]
+    model_panel.set_checkpoint(dual_checkpoint)
+    model_panel.set_checkpoint(checkpoint)  # the grid model, run below
+    start = time.perf_counter()
+    model_panel.run()
+    _wait(lambda: model_panel.worker is None, 600, "the grid model's run")
+    result = session.result
+    if result is None or not hasattr(result, "confidence"):
+        raise RuntimeError(f"demo: the Model panel's run failed: {model_panel.status.text()}")
+    result.save(out / "result")
+    timings["predict from the Model panel (s)"] = time.perf_counter() - start
+    attention_kwargs = {"name": session.layer("attention").name}
+    attention_kwargs["metadata"] = session.layer("attention").metadata
+    viewer.dims.set_current_step(0, 0)  # the map with the most weight in the call
+
+    review = panels["Review"]
+    review.author.setText("demo")
+    review.accept_label()
+    tour = panels["Tour"]
+    tour.next()
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    (overlays.scale_bar if overlays is not None else viewer.scale_bar).visible = True
     viewer.reset_view()
 
     if not headless:
@@ -192,18 +228,25 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
 
     shots = []
     start = time.perf_counter()
+    for name, panel in panels.items():
+        shot = out / f"panel-{name.lower().replace('-', '')}.png"
+        panel.grab().save(str(shot))
+        shots.append(shot)
+    window = out / "window.png"
+    viewer.screenshot(str(window), canvas_only=False)
+    shots.append(window)
     overview = out / "overview.png"
     viewer.screenshot(str(overview), canvas_only=True, size=(768, 1024))
     shots.append(overview)
     if truth["lesions"]:
         x, y, w, h = truth["lesions"][0]["box"]
-        viewer.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
-        viewer.camera.zoom = 1.0 / (4 * w * scale[1] / 1024)  # lesion spans ~1/4 of the view
+        session.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
+        session.camera.zoom = 1.0 / (4 * w * scale[1] / 1024)  # lesion spans ~1/4 of the view
         zoomed = out / "lesion.png"
         viewer.screenshot(str(zoomed), canvas_only=True, size=(768, 1024))
         shots.append(zoomed)
     # The dual model's view: soft attention instead of the grid maps, then its top tile.
-    viewer.layers[attention_kwargs["name"]].visible = False
+    session.layer("attention").visible = False
     viewer.layers[soft_kwargs["name"]].visible = True
     viewer.reset_view()
     sampled = out / "dual-overview.png"
@@ -213,13 +256,14 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     if len(tile_boxes):
         x, y, w, h = tile_boxes[int(np.argmin(dual.arrays["tile_rank"]))]
         viewer.layers[soft_kwargs["name"]].visible = False
-        viewer.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
-        viewer.camera.zoom = 1.0 / (1.5 * w * scale[1] / 1024)  # the tile fills 2/3 of the view
+        session.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
+        session.camera.zoom = 1.0 / (1.5 * w * scale[1] / 1024)  # the tile fills 2/3 of the view
         glimpses = out / "dual-glimpses.png"
         viewer.screenshot(str(glimpses), canvas_only=True, size=(768, 1024))
         shots.append(glimpses)
     timings["screenshots (s)"] = time.perf_counter() - start
     layers = [(layer.name, type(layer).__name__) for layer in viewer.layers]
+    stored = session.labels.slide_label(path)
     viewer.close()
 
     facts = slide.describe()
@@ -251,6 +295,8 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         f"({', '.join(dual.classes[c] for c in dual.arrays['tile_classes'])}); "
         f"{_lesion_hits(tile_boxes, truth['lesions'])} of them touch a lesion; "
         f"{dual.arrays['glimpse_centres'].shape[1]} glimpses per tile",
+        f"- panels: {', '.join(PANELS)}; the Review panel stored the slide label "
+        f"**{stored.label}** ({stored.status} by {stored.author}) in `{session.labels.path}`",
         f"- layers: {', '.join(f'{n} ({t})' for n, t in layers)}",
         f"- screenshots: {', '.join(f'`{s.name}`' for s in shots)}",
         f"- machine: {platform.platform()}, Python {platform.python_version()}, "
