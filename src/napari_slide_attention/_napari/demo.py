@@ -216,6 +216,12 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     review = panels["Review"]
     review.author.setText("demo")
     review.accept_label()
+    if truth["lesions"] and not session.labels.regions(path):
+        # an annotator's region around the first lesion (stored once; the store keeps it)
+        first = truth["lesions"][0]
+        session.layer("regions").add_rectangles(boxes_to_rectangles([first["box"]], scale))
+        session.layer("regions").selected_data = {0}
+        review.label_selected(first["class"])
     tour = panels["Tour"]
     tour.next()
     overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
