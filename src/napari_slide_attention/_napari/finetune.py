@@ -39,6 +39,7 @@ __all__ = [
     "FineTuneRequest",
     "MetricRow",
     "ProcessJob",
+    "Stopped",
     "default_out_folder",
     "epoch_row",
     "evaluate_command",
