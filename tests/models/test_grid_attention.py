@@ -239,7 +239,7 @@ def test_one_pass_step_while_the_graph_fits_gives_the_two_pass_gradients_and_sta
         model.train()
         calls = []
         embed = model.trainable_features
-        model.trainable_features = lambda h, embed=embed: calls.append(1) or embed(h)
+        model.trainable_features = lambda h, embed=embed, calls=calls: calls.append(1) or embed(h)
         model.train_step(chunks, cells, shape, target=1, cache_bytes=budget)
         assert len(calls) == passes
         expected = dict(reference.named_parameters())

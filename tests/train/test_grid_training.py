@@ -187,7 +187,7 @@ def test_validation_reuses_the_frozen_trunk_output_within_its_budget(
     )
 
     def run(cache):
-        metrics, rows = evaluate_grid(
+        _, rows = evaluate_grid(
             model,
             val,
             tiny_cohort.classes,

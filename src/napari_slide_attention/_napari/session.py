@@ -302,15 +302,25 @@ class Session:
 def connect_while_alive(widget: Any, connections: list[tuple[Any, Any]]) -> None:
     """Connect each (signal, slot) pair, and disconnect them all when Qt destroys
     ``widget``: the session and the viewer outlive a closed panel, and a signal must
-    never reach a deleted widget."""
+    never reach a deleted widget.
+
+    Bound methods are held weakly here (the signals hold them weakly too), so nothing
+    keeps a closed panel alive: napari's dock close only unparents it, and the panel
+    goes once Python lets go of it.
+    """
+    refs = []
     for signal, slot in connections:
         signal.connect(slot)
-    widget.destroyed.connect(lambda *_: _disconnect(connections))
+        refs.append((signal, weakref.WeakMethod(slot) if hasattr(slot, "__self__") else slot))
+    widget.destroyed.connect(lambda *_: _disconnect(refs))
 
 
-def _disconnect(connections: list[tuple[Any, Any]]) -> None:
-    """Disconnect (signal, slot) pairs, ignoring those already gone."""
-    for signal, slot in connections:
+def _disconnect(refs: list[tuple[Any, Any]]) -> None:
+    """Disconnect (signal, slot or weak method) pairs, ignoring those already gone."""
+    for signal, ref in refs:
+        slot = ref() if isinstance(ref, weakref.WeakMethod) else ref
+        if slot is None:
+            continue
         with contextlib.suppress(RuntimeError, TypeError, ValueError):
             signal.disconnect(slot)
 

@@ -9,7 +9,10 @@ slide of the cohort; ] and [ step to the next / previous attention map.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import html
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,6 @@ class ReviewPanel(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self._bound: list[str] = []
 
         layout = QVBoxLayout(self)
         self.title = QLabel()
@@ -415,32 +417,48 @@ class ReviewPanel(QWidget):
 
     # -- keys --------------------------------------------------------------------------
     def _bind_keys(self) -> None:
-        def class_key(k: int):
-            def press(_viewer) -> None:
-                classes = self.classes
-                if k >= len(classes):
-                    return
-                layer = self.session.layer("regions")
-                if layer is not None and layer.selected_data:
-                    self.label_selected(classes[k])
-                else:
-                    self.correct_label(classes[k])
+        # The key functions reach the panel through a weak reference: a binding must not
+        # keep a closed panel alive (napari's dock close only unparents it).
+        panel = weakref.ref(self)
+
+        def call(method: str, *args: Any):
+            def press(_target) -> None:
+                alive = panel()
+                if alive is not None:
+                    getattr(alive, method)(*args)
 
             return press
 
-        self._class_keys = {str(k + 1): class_key(k) for k in range(9)}
+        self._class_keys = {str(k + 1): call("class_key", k) for k in range(9)}
         bindings: dict[str, Any] = dict(self._class_keys)
-        bindings["PageDown"] = lambda _v: self.session.step_slide(+1)
-        bindings["PageUp"] = lambda _v: self.session.step_slide(-1)
-        bindings["]"] = lambda _v: self.step_map(+1)
-        bindings["["] = lambda _v: self.step_map(-1)
+        bindings["PageDown"] = call("step_slide", +1)
+        bindings["PageUp"] = call("step_slide", -1)
+        bindings["]"] = call("step_map", +1)
+        bindings["["] = call("step_map", -1)
         for key, func in bindings.items():
             self.viewer.bind_key(key, func, overwrite=True)
-            self._bound.append(key)
         # napari's layers take number keys for their modes, and the active layer's keys
         # come first: on every layer, the number keys mean classes while this panel is open.
         for layer in self.viewer.layers:
             self._bind_class_keys(layer)
+        self.destroyed.connect(
+            functools.partial(_unbind_keys, self.viewer, tuple(bindings), tuple(self._class_keys))
+        )
+
+    def class_key(self, k: int) -> None:
+        """Number key k + 1: class k for the selected regions, else for the slide."""
+        classes = self.classes
+        if k >= len(classes):
+            return
+        layer = self.session.layer("regions")
+        if layer is not None and layer.selected_data:
+            self.label_selected(classes[k])
+        else:
+            self.correct_label(classes[k])
+
+    def step_slide(self, step: int) -> None:
+        """Open the next (+1) or previous (-1) slide of the cohort."""
+        self.session.step_slide(step)
 
     def _on_slide(self, _value: Any) -> None:
         self.refresh()
@@ -453,7 +471,7 @@ class ReviewPanel(QWidget):
 
     def _bind_class_keys(self, layer) -> None:
         for key, func in self._class_keys.items():
-            layer.bind_key(key, lambda _layer, func=func: func(self.viewer), overwrite=True)
+            layer.bind_key(key, func, overwrite=True)
 
     def step_map(self, step: int) -> None:
         """Show the next (+1) or previous (-1) attention map."""
@@ -465,13 +483,18 @@ class ReviewPanel(QWidget):
         self.viewer.dims.set_current_step(0, int(np.clip(current + step, 0, n - 1)))
 
     def closeEvent(self, event) -> None:
-        for key in self._bound:
-            self.viewer.bind_key(key, None, overwrite=True)
-        self._bound.clear()
-        for layer in self.viewer.layers:
-            for key in self._class_keys:
-                layer.bind_key(key, None, overwrite=True)
+        _unbind_keys(self.viewer, ("PageDown", "PageUp", "]", "["), tuple(self._class_keys))
         super().closeEvent(event)
+
+
+def _unbind_keys(viewer, keys: tuple[str, ...], class_keys: tuple[str, ...]) -> None:
+    """Give the viewer's and the layers' keys back (the panel closed or was deleted)."""
+    with contextlib.suppress(RuntimeError):
+        for key in keys + class_keys:
+            viewer.bind_key(key, None, overwrite=True)
+        for layer in viewer.layers:
+            for key in class_keys:
+                layer.bind_key(key, None, overwrite=True)
 
 
 def _brief(state: dict[str, Any] | None) -> str:
