@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ def describe_checkpoint(path: str | Path) -> tuple[str, dict[str, Any]]:
     if epoch is not None:
         parts.append(f"epoch {int(epoch) + 1}")
     return " · ".join(parts) + f"\n{', '.join(classes)}", {"kind": header.kind, **config}
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken torch install: the CPU choices still work
+        return False
 
 
 def inference_work(
@@ -193,15 +203,23 @@ class ModelPanel(QWidget):
 
     # -- choices -----------------------------------------------------------------------
     def _refresh_devices(self) -> None:
-        try:
-            import torch
+        """Find out in a worker whether CUDA is there: importing torch takes seconds,
+        which the viewer should not wait for (it also warms torch for the first run)."""
+        from napari.qt.threading import create_worker
 
-            cuda = torch.cuda.is_available()
-        except Exception:
-            cuda = False
         item = self.device.model().item(1)
-        item.setEnabled(cuda)
-        item.setToolTip("" if cuda else "no CUDA GPU here")
+        item.setEnabled(False)
+        item.setToolTip("checking for a CUDA GPU…")
+        panel = weakref.ref(self)
+
+        def show(cuda: bool) -> None:
+            if panel() is not None:
+                item.setEnabled(cuda)
+                item.setToolTip("" if cuda else "no CUDA GPU here")
+
+        worker = create_worker(_cuda_available, _start_thread=False)
+        worker.returned.connect(show)
+        worker.start()
 
     def _choose_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
