@@ -173,3 +173,19 @@ def test_dual_layers_load_into_a_real_viewer(make_napari_viewer):
     assert tuple(soft.data_to_world((3, 4))) == pytest.approx((447.5 * 0.5, 575.5 * 0.25))
     viewer.reset_view()
     viewer.screenshot(canvas_only=True, flash=False)
+
+
+def test_inspect_at_finds_the_glimpse_then_the_tile_then_nothing():
+    from napari_slide_attention._napari.layers import inspect_at
+
+    result = _dual_result(t=3)
+    # tile 2 (rank 2), its first glimpse is centred at (1024 + 128, 512 + 64): the 32 px box
+    found = inspect_at(result, 1024 + 128, 512 + 64)
+    assert found["kind"] == "glimpse" and (found["tile"], found["step"]) == (2, 1)
+    assert found["class"] == CLASSES[0] and found["probability"] == pytest.approx(0.9)
+    assert found["box"] == (1024 + 128 - 16, 512 + 64 - 16, 32, 32)
+    # inside tile 2 but off its glimpses: the tile's call
+    found = inspect_at(result, 1024 + 250, 512 + 250)
+    assert found["kind"] == "sampled tile" and found["rank"] == 2
+    assert (found["class"], found["box"]) == (CLASSES[1], (1024, 512, 256, 256))
+    assert inspect_at(result, 10, 10) is None  # outside every tile; no grid in a dual result

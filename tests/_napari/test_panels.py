@@ -104,6 +104,41 @@ def test_model_panel_runs_a_checkpoint_and_the_attention_lands_on_the_lesion(
     cell_x, cell_y = ox + col * tile, oy + row * tile
     assert cell_x <= x + w / 2 < cell_x + tile and cell_y <= y + h / 2 < cell_y + tile
 
+    # a click there (press and release, no drag) shows that tile at level 0
+    from types import SimpleNamespace
+
+    viewer.dims.set_current_step(0, 1)  # the second strongest map
+    click = viewer.mouse_drag_callbacks[-1]
+    event = SimpleNamespace(type="mouse_press", button=1, position=(1, *world))
+    steps = click(viewer, event)
+    next(steps)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(steps)
+    found = panel.inspected
+    assert found["kind"] == "grid cell" and found["box"] == (cell_x, cell_y, tile, tile)
+    assert found["map"] == layer.metadata["map_order"][1]
+    assert f"map {found['map']}" in panel.inspect_title.text()
+    qtbot.waitUntil(
+        lambda: (
+            panel.inspect_image.pixmap() is not None and not panel.inspect_image.pixmap().isNull()
+        ),
+        timeout=10_000,
+    )
+    assert panel.inspect_image.pixmap().width() == min(tile, 320)
+    panel.inspect_zoom.click()
+    assert session.camera.zoom == pytest.approx(1 / session.scale[1])
+    # a drag is no click: the inspected tile stays
+    event = SimpleNamespace(type="mouse_press", button=1, position=(1, 0.0, 0.0))
+    steps = click(viewer, event)
+    next(steps)
+    event.type = "mouse_move"
+    next(steps)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert panel.inspected is found
+
 
 def test_model_panel_refuses_a_file_that_is_not_a_checkpoint(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()

@@ -407,3 +407,90 @@ def regions_layer_data(
         "text": {"string": "{label}", "size": 10, "color": "white", "anchor": "upper_left"},
     }
     return shapes, kwargs, "shapes"
+
+
+def inspect_at(result: Any, x: float, y: float, map_index: int | None = None) -> dict | None:
+    """What a result says about level-0 point (x, y): the most specific item there.
+
+    In order: a glimpse (its finest box; of overlapping ones, the one centred nearest the
+    point), a sampled tile (dual-attention results), a
+    tissue cell of a piece's grid (grid attention, with the attention of ``map_index``,
+    an original map number, when given; other kinds with the piece's call). None where
+    the result says nothing.
+
+    Returns:
+        {"kind", "box" (level-0 x, y, w, h), "title" (one line with the prediction),
+        and the facts behind it}.
+    """
+    arrays = getattr(result, "arrays", {}) or {}
+    classes = list(result.classes)
+    if "glimpse_boxes" in arrays and "glimpse_probabilities" in arrays:
+        boxes = np.asarray(arrays["glimpse_boxes"])[:, :, 0]  # (N, T, 4): the finest
+        probs = np.asarray(arrays["glimpse_probabilities"])  # (N, T, K)
+        ranks = np.asarray(arrays.get("tile_rank", np.arange(len(boxes))))
+        inside = _contains(boxes.reshape(-1, 4), x, y).reshape(boxes.shape[:2])
+        if inside.any():
+            # overlapping glimpses: the one whose centre is nearest the point
+            centres = boxes[..., :2] + boxes[..., 2:] / 2
+            distance = np.where(inside, np.hypot(centres[..., 0] - x, centres[..., 1] - y), np.inf)
+            n, t = np.unravel_index(int(np.argmin(distance)), inside.shape)
+            k = int(probs[n, t].argmax())
+            return {
+                "kind": "glimpse",
+                "box": tuple(int(v) for v in boxes[n, t]),
+                "tile": int(ranks[n]) + 1,
+                "step": int(t) + 1,
+                "class": classes[k],
+                "probability": float(probs[n, t, k]),
+                "title": f"tile {int(ranks[n]) + 1}, glimpse {t + 1}: after it the model "
+                f"said {classes[k]} ({float(probs[n, t, k]):.0%})",
+            }
+    if "tile_boxes" in arrays and "tile_classes" in arrays:
+        boxes = np.asarray(arrays["tile_boxes"]).reshape(-1, 4)
+        inside = _contains(boxes, x, y)
+        if inside.any():
+            i = int(np.flatnonzero(inside)[0])
+            k = int(arrays["tile_classes"][i])
+            p = float(np.asarray(arrays["tile_probabilities"])[i, k])
+            rank = int(np.asarray(arrays.get("tile_rank", np.arange(len(boxes))))[i]) + 1
+            attention = float(np.asarray(arrays.get("tile_attention", np.zeros(len(boxes))))[i])
+            return {
+                "kind": "sampled tile",
+                "box": tuple(int(v) for v in boxes[i]),
+                "rank": rank,
+                "attention": attention,
+                "class": classes[k],
+                "probability": p,
+                "title": f"sampled tile {rank} (attention {attention:.3g}): {classes[k]} ({p:.0%})",
+            }
+    for piece in result.pieces:
+        shape = piece.grid_shape
+        if shape is None:
+            continue
+        col = int(np.floor((x - piece.grid_origin[0]) / piece.tile_size))
+        row = int(np.floor((y - piece.grid_origin[1]) / piece.tile_size))
+        if not (0 <= row < shape[0] and 0 <= col < shape[1]) or not piece.tissue[row, col]:
+            continue
+        k = int(np.argmax(piece.probabilities))
+        facts = {
+            "kind": "grid cell",
+            "box": piece.tile_box(row, col),
+            "piece": int(piece.index),
+            "class": classes[k],
+            "probability": float(piece.probabilities[k]),
+        }
+        title = f"piece {piece.index} ({classes[k]} {float(piece.probabilities[k]):.0%})"
+        if map_index is not None and piece.maps is not None:
+            value = float(piece.maps[map_index, row, col])
+            peak = float(piece.maps[map_index].max()) or 1.0
+            facts.update(map=int(map_index), attention=value, relative=value / peak)
+            title += f", map {map_index}: attention {value:.3g} ({value / peak:.0%} of its peak)"
+        facts["title"] = f"tile ({row}, {col}) of {title}"
+        return facts
+    return None
+
+
+def _contains(boxes: np.ndarray, x: float, y: float) -> np.ndarray:
+    """Which level-0 (x, y, w, h) boxes hold the point."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return (b[:, 0] <= x) & (x < b[:, 0] + b[:, 2]) & (b[:, 1] <= y) & (y < b[:, 1] + b[:, 3])

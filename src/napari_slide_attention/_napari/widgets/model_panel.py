@@ -4,6 +4,8 @@ then the class probabilities and the slide's call."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import html
 import threading
 import time
@@ -17,6 +19,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -30,6 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from ...progress import Progress
+from ..layers import inspect_at
 from ..session import PartialResult, connect_while_alive, session_for
 
 KIND_NAMES = {
@@ -183,7 +187,23 @@ class ModelPanel(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         layout.addWidget(self.table)
+        inspect_box = QGroupBox("Inspect (click a tile, glimpse or attention cell)")
+        inspect = QVBoxLayout(inspect_box)
+        self.inspect_title = QLabel("Click on the slide after a run.")
+        self.inspect_title.setWordWrap(True)
+        self.inspect_image = QLabel()
+        self.inspect_image.setAlignment(Qt.AlignCenter)
+        self.inspect_zoom = QPushButton("View at 1:1")
+        self.inspect_zoom.setToolTip("One screen pixel per level-0 pixel, centred on it")
+        self.inspect_zoom.clicked.connect(self._zoom_to_inspected)
+        self.inspect_zoom.setEnabled(False)
+        inspect.addWidget(self.inspect_title)
+        inspect.addWidget(self.inspect_image)
+        inspect.addWidget(self.inspect_zoom)
+        layout.addWidget(inspect_box)
         layout.addStretch(1)
+        self.inspected: dict[str, Any] | None = None
+        self._install_click()
 
         self._poll = QTimer(self)
         self._poll.setInterval(100)
@@ -375,6 +395,74 @@ class ModelPanel(QWidget):
         self.bar.setRange(0, 1)
         self.bar.setValue(1)
 
+    # -- inspecting ----------------------------------------------------------------------
+    def _install_click(self) -> None:
+        """A click (press and release without a drag) on the canvas inspects that point."""
+        panel = weakref.ref(self)
+
+        def on_mouse(_viewer, event):
+            if event.type != "mouse_press" or event.button != 1:
+                return
+            dragged = False
+            yield
+            while event.type == "mouse_move":
+                dragged = True
+                yield
+            alive = panel()
+            if not dragged and alive is not None:
+                alive.inspect_world(event.position[-2:])
+
+        self.viewer.mouse_drag_callbacks.append(on_mouse)
+        self.destroyed.connect(functools.partial(_remove_callback, self.viewer, on_mouse))
+
+    def inspect_world(self, world_yx) -> dict[str, Any] | None:
+        """Show what the result says at a world (y, x) point, with the level-0 pixels of
+        its tile or glimpse (read in a worker)."""
+        result, slide = self.session.result, self.session.slide
+        if result is None or slide is None:
+            return None
+        x, y = self.session.to_level0(*world_yx)
+        map_index = None
+        layer = self.session.layer("attention")
+        if layer is not None and "map_order" in layer.metadata:
+            step = self.viewer.dims.current_step[self.viewer.dims.ndim - layer.ndim]
+            order = layer.metadata["map_order"]
+            map_index = int(order[min(max(int(step), 0), len(order) - 1)])
+        found = inspect_at(result, x, y, map_index)
+        self.inspected = found
+        self.inspect_zoom.setEnabled(found is not None)
+        if found is None:
+            self.inspect_title.setText("The model said nothing about this point.")
+            self.inspect_image.clear()
+            return None
+        self.inspect_title.setText(html.escape(found["title"]))
+        from napari.qt.threading import create_worker
+
+        bx, by, bw, bh = found["box"]
+        worker = create_worker(slide.read_region, 0, bx, by, bw, bh, _start_thread=False)
+        worker.returned.connect(self._show_inspected_pixels)
+        worker.start()
+        return found
+
+    def _show_inspected_pixels(self, pixels) -> None:
+        from .slide_panel import thumbnail
+
+        side = max(pixels.shape[:2])
+        shown = min(side, 320)
+        self.inspect_image.setPixmap(thumbnail(pixels, shown))
+        if shown < side:
+            self.inspect_title.setText(
+                self.inspect_title.text() + f" (level 0, {side} px, shown at 1:{side / shown:.2g})"
+            )
+
+    def _zoom_to_inspected(self) -> None:
+        if self.inspected is None:
+            return
+        x, y, w, h = self.inspected["box"]
+        camera = self.session.camera
+        camera.center = self.session.to_world(x + w / 2, y + h / 2)
+        camera.zoom = 1.0 / self.session.scale[1]  # one screen px per level-0 px
+
     def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, Cancelled) or self._cancel.is_set():
             self.status.setText("cancelled")
@@ -395,6 +483,11 @@ class ModelPanel(QWidget):
             self.bar.setRange(0, 1)
         self.worker = None
         self._update_buttons()
+
+
+def _remove_callback(viewer, callback) -> None:
+    with contextlib.suppress(ValueError, RuntimeError):
+        viewer.mouse_drag_callbacks.remove(callback)
 
 
 __all__ = ["Cancelled", "ModelPanel", "describe_checkpoint", "inference_work"]
