@@ -160,6 +160,22 @@ def test_cli_predict_and_evaluate(tiny_cohort, tiny_grid_model, tmp_path, capsys
     assert name.startswith("grid-attention") and len(model["slides"]) == 4
     assert set(model["metrics"]["per_class"]) == set(tiny_cohort.classes)
 
+    # --labels: an annotator's corrected label is the truth (stdout stays pure JSON)
+    from napari_slide_attention.labels import LabelStore
+
+    first = tiny_cohort.split("val")[0]
+    corrected = tiny_cohort.classes[(first.label + 1) % len(tiny_cohort.classes)]
+    with LabelStore(tmp_path / "labels.sqlite") as store:
+        store.set_slide_label(first.slide, corrected)
+    argv = ["evaluate", "--model", str(tiny_grid_model), "--cohort", str(tiny_cohort.path)]
+    argv += ["--split", "val", "--device", "cpu", "--quiet", "--json"]
+    assert main([*argv, "--labels", str(tmp_path / "labels.sqlite")]) == 0
+    captured = capsys.readouterr()
+    truth = {
+        row["slide"]: row["truth"] for row in json.loads(captured.out)["models"][name]["slides"]
+    }
+    assert truth[str(first.slide)] == corrected and "1 slide label" in captured.err
+
 
 def test_cli_model_errors_are_one_line(tmp_path, capsys, tiny_cohort):
     from napari_slide_attention.cli import main

@@ -368,8 +368,9 @@ def cmd_synth_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labelled_cohort(args: argparse.Namespace, cohort, events: _EventPrinter | None):
-    """The cohort with the labels of ``--labels`` applied; says what was applied."""
+def _labelled_cohort(args: argparse.Namespace, cohort, events: _EventPrinter | None, file=None):
+    """The cohort with the labels of ``--labels`` applied; says what was applied (as an
+    event, or a line on ``file``, stdout by default)."""
     from dataclasses import asdict
 
     from .labels import LabelStore, LabelStoreError, apply_labels_with_summary
@@ -384,7 +385,7 @@ def _labelled_cohort(args: argparse.Namespace, cohort, events: _EventPrinter | N
     if events is not None:
         events.emit("labels", message=message, data={"store": str(path), **asdict(applied)})
     else:
-        print(message, flush=True)
+        print(message, file=file or sys.stdout, flush=True)
     return cohort
 
 
@@ -532,6 +533,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.metrics import evaluate, format_confusion, format_table2
 
     cohort = _cohort(args)
+    if args.labels:  # with --json, stdout is the JSON alone
+        cohort = _labelled_cohort(args, cohort, None, sys.stderr if args.json else None)
     entries = cohort.split(args.split)
     if not entries:
         raise ValueError(f"{cohort.path}: the {args.split!r} split has no slides")
@@ -883,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cohort", required=True)
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--classes", help="class names, lowest to highest risk")
+    evaluate.add_argument(
+        "--labels", help="label store: its corrected slide labels are the truth (SQLite)"
+    )
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--quiet", action="store_true")

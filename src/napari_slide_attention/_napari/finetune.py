@@ -324,6 +324,7 @@ def evaluate_command(
     *,
     device: str = "auto",
     classes: Sequence[str] | None = None,
+    labels: str | os.PathLike | None = None,
 ) -> list[str]:
     """Returns the argv of ``slide-attention evaluate`` on the base and the new checkpoint
     (in that order) with ``--json``.
@@ -335,11 +336,15 @@ def evaluate_command(
         split: "train", "val" or "test".
         device: where the models run.
         classes: the class order (the base's), so the cohort's labels map to it.
+        labels: a label store whose corrected slide labels are the truth (the
+            annotators' corrections judge both checkpoints).
     """
     argv = [*CLI, "evaluate", "--model", str(base), "--model", str(new)]
     argv += ["--cohort", str(cohort), "--split", split, "--device", device, "--json"]
     if classes:
         argv += ["--classes", ",".join(classes)]
+    if labels:
+        argv += ["--labels", str(labels)]
     return argv
 
 
@@ -621,7 +626,13 @@ def _evaluate(
         return
     assert outcome.best is not None
     argv = evaluate_command(
-        request.base, outcome.best, request.cohort, split, device=request.device, classes=classes
+        request.base,
+        outcome.best,
+        request.cohort,
+        split,
+        device=request.device,
+        classes=classes,
+        labels=request.labels,
     )
     report, log = out / "evaluate.json", out / "evaluate.log"
     yield {
