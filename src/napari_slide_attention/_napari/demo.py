@@ -270,6 +270,7 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     timings["screenshots (s)"] = time.perf_counter() - start
     layers = [(layer.name, type(layer).__name__) for layer in viewer.layers]
     stored = session.labels.slide_label(path)
+    session.labels.close()  # checkpoints the WAL into the store file
     viewer.close()
 
     facts = slide.describe()
