@@ -12,7 +12,6 @@ is read in the worker too (reading it imports torch).
 
 from __future__ import annotations
 
-import html
 import math
 import shlex
 from pathlib import Path
@@ -42,6 +41,7 @@ from qtpy.QtWidgets import (
 from ...labels import LabelStore
 from ..finetune import FineTuneOutcome, FineTuneRequest, ProcessJob, epoch_row, fine_tune
 from ..session import connect_while_alive, session_for
+from . import error_html
 from .plot import LinePlot
 
 __all__ = ["FineTunePanel", "ScientificSpinBox"]
@@ -59,7 +59,6 @@ EXTRA_TIP = (
 )
 # The bar counts this many units over the whole run (steps within epochs).
 _BAR_UNITS = 1000
-_ERROR = "color:#e05050"
 
 
 class ScientificSpinBox(QDoubleSpinBox):
@@ -479,7 +478,7 @@ class FineTunePanel(QWidget):
         self.error.setVisible(True)
 
     def _set_status(self, text: str, *, error: bool = False) -> None:
-        self.status.setText(f"<span style='{_ERROR}'>{html.escape(text)}</span>" if error else text)
+        self.status.setText(error_html(text) if error else text)
 
     def _on_finished(self) -> None:
         if self.bar.maximum() == 0:

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 from ...progress import Progress
 from ..layers import inspect_at
 from ..session import PartialResult, connect_while_alive, session_for
+from . import error_html
 
 KIND_NAMES = {
     "grid-attention": "grid attention (Tomita et al.)",
@@ -269,7 +270,7 @@ class ModelPanel(QWidget):
                 line, self.config = describe_checkpoint(path)
                 self.kind.setText(line)
             except Exception as exc:  # CheckpointError names the file and the problem
-                self.kind.setText(f"<span style='color:#e05050'>{html.escape(str(exc))}</span>")
+                self.kind.setText(error_html(str(exc)))
         self._update_buttons()
 
     def _on_slide(self, _slide) -> None:
@@ -467,10 +468,7 @@ class ModelPanel(QWidget):
         if isinstance(exc, Cancelled) or self._cancel.is_set():
             self.status.setText("cancelled")
         else:
-            self.status.setText(
-                f"<span style='color:#e05050'>{html.escape(type(exc).__name__)}: "
-                f"{html.escape(str(exc))}</span>"
-            )
+            self.status.setText(error_html(f"{type(exc).__name__}: {exc}"))
 
     def _on_finished(self) -> None:
         self._poll.stop()

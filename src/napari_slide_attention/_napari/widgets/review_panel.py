@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 
 from ..layers import regions_layer_data, world_to_geometry
 from ..session import connect_while_alive, session_for
+from . import error_html
 
 KEYS_HELP = (
     "Keys: 1–9 class of the selected regions (or of the slide) · "
@@ -190,8 +191,7 @@ class ReviewPanel(QWidget):
         return True
 
     def _say(self, text: str, error: bool = False) -> None:
-        colour = "#e05050" if error else "inherit"
-        self.status.setText(f"<span style='color:{colour}'>{html.escape(text)}</span>")
+        self.status.setText(error_html(text) if error else html.escape(text))
 
     # -- refresh -----------------------------------------------------------------------
     def refresh(self, regions: bool = True) -> None:

@@ -30,6 +30,7 @@ from ...slide.reader import Slide
 from ...slide.tissue import TissueMask, TissueParams, tissue_mask, tissue_pieces
 from ..layers import boxes_to_rectangles
 from ..session import connect_while_alive, session_for
+from . import error_html
 
 SLIDE_FILTER = "Slides (*.svs *.ndpi *.tif *.tiff *.btf *.tf8 *.zarr);;All files (*)"
 
@@ -204,7 +205,7 @@ class SlidePanel(QWidget):
         try:
             return self.session.open_slide(path)
         except Exception as exc:  # SlideError names the file and the problem
-            self.status.setText(f"<span style='color:#e05050'>{html.escape(str(exc))}</span>")
+            self.status.setText(error_html(str(exc)))
             return None
 
     def _choose_cohort(self) -> None:
@@ -217,7 +218,7 @@ class SlidePanel(QWidget):
         try:
             self.session.open_cohort(path)
         except Exception as exc:  # CohortError / LabelStoreError name the file
-            self.status.setText(f"<span style='color:#e05050'>{html.escape(str(exc))}</span>")
+            self.status.setText(error_html(str(exc)))
 
     def _on_cohort(self, cohort) -> None:
         self.cohort_list.clear()
@@ -238,7 +239,7 @@ class SlidePanel(QWidget):
         try:
             self.session.open_cohort_slide(int(item.data(Qt.UserRole)))
         except Exception as exc:
-            self.status.setText(f"<span style='color:#e05050'>{html.escape(str(exc))}</span>")
+            self.status.setText(error_html(str(exc)))
 
     def _select_current(self) -> None:
         index = self.session.cohort_index()
