@@ -355,6 +355,22 @@ def test_load_missing_field(tmp_path):
         SlideResult.load(out)
 
 
+def test_is_result_directory_takes_saved_results_only(tmp_path):
+    out = saved(tmp_path)
+    assert results.is_result_directory(out) and results.is_result_directory(str(out))
+    assert not results.is_result_directory(tmp_path / "nope")
+    assert not results.is_result_directory(out / "result.json")  # a file, not a folder
+    assert not results.is_result_directory(out / "arrays.zarr")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "result.json").write_text('{"hello": "world"}')
+    assert not results.is_result_directory(foreign)
+    (foreign / "result.json").write_bytes(b"\xff\xfe not json")
+    assert not results.is_result_directory(foreign)
+    (foreign / "result.json").write_text("[1, 2]")
+    assert not results.is_result_directory(foreign)
+
+
 def test_load_inconsistent_shapes(tmp_path):
     out = saved(tmp_path)
 

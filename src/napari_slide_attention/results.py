@@ -45,6 +45,7 @@ __all__ = [
     "PieceResult",
     "ResultError",
     "SlideResult",
+    "is_result_directory",
 ]
 
 RESULT_FORMAT_VERSION = 1
@@ -761,6 +762,23 @@ def _write_array(group: zarr.Group, key: str, arr: np.ndarray) -> None:
 def _is_result_dir(path: Path) -> bool:
     """Returns whether ``path`` looks like a result directory written by ``save``."""
     return (path / JSON_NAME).is_file() or (path / ARRAYS_NAME).is_dir()
+
+
+def is_result_directory(path: str | os.PathLike[str]) -> bool:
+    """Returns whether ``path`` is a directory holding a result written by ``save``.
+
+    Stricter than the check ``save`` makes before replacing a directory: result.json must
+    be there and name this package's result format. Never raises (readers ask this about
+    any folder a user drops).
+    """
+    try:
+        json_path = Path(path) / JSON_NAME
+        if not json_path.is_file():
+            return False
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == RESULT_FORMAT_NAME
 
 
 def _check_replaceable(target: Path) -> None:
