@@ -61,7 +61,8 @@ from pathlib import Path
 
 import torch
 
-from napari_slide_attention.digits import as_arrays, cluttered_digits, source_digits
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # digits.py lives beside this script
+from digits import as_arrays, cluttered_digits, source_digits
 from napari_slide_attention.models.hard_attention import (
     HardAttention,
     HardAttentionConfig,

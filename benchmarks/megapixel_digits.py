@@ -96,7 +96,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_slide_attention.digits import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # digits.py lives beside this script
+from digits import (
     as_arrays,
     downscale,
     megapixel_digits,

@@ -1,4 +1,8 @@
-"""Digit benchmarks: IDX files, scikit-learn digits, megapixel and cluttered generators."""
+"""Digit benchmarks: IDX files, scikit-learn digits, megapixel and cluttered generators.
+
+``digits.py`` is a benchmark helper (``benchmarks/digits.py``), not part of the package:
+the benchmarks folder goes on ``sys.path`` here, as the scripts put their own folder.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_slide_attention.digits import (
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from digits import (  # noqa: E402
     NOISE_PATTERNS,
     ClutteredDigit,
     DigitsError,
@@ -48,7 +55,7 @@ def _inside(box: np.ndarray, size: int) -> bool:
 def test_import_stays_light() -> None:
     # Benchmark scripts and data-loader workers import this module: numpy only.
     code = (
-        "import sys, napari_slide_attention.digits; "
+        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import digits; "
         "print(sorted(m for m in ('torch', 'sklearn', 'skimage', 'scipy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -435,7 +442,7 @@ def test_downscale_averages_areas(make: Callable[[np.ndarray], np.ndarray]) -> N
 
 
 def test_source_digits_splits_disjointly_by_seed_and_needs_both_files(tmp_path):
-    from napari_slide_attention.digits import source_digits
+    from digits import source_digits
 
     (train_x, train_y), (test_x, test_y) = source_digits(test_fraction=0.25, seed=3)
     assert len(test_x) == round(0.25 * 1797) and len(train_x) + len(test_x) == 1797
