@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -26,7 +26,7 @@ EXIT_STOPPED = 130  # what shells report for a command ended by Ctrl-C (128 + SI
 
 
 def _open(path: str, mpp: float | None):
-    from .slide.reader import MissingMppWarning, open_slide
+    from ..slide.reader import MissingMppWarning, open_slide
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingMppWarning)
@@ -38,7 +38,7 @@ def _open(path: str, mpp: float | None):
 
 
 def _tissue_params(args: argparse.Namespace):
-    from .slide.tissue import TissueParams
+    from ..slide.tissue import TissueParams
 
     overrides = {
         name: getattr(args, name)
@@ -68,7 +68,7 @@ def _add_tissue_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .slide.tissue import tissue_mask
+    from ..slide.tissue import tissue_mask
 
     slide = _open(args.slide, args.mpp)
     facts = slide.describe()
@@ -114,7 +114,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .slide.synthetic import write_synthetic_slide
+    from ..slide.synthetic import write_synthetic_slide
 
     width, height = args.size
     info = write_synthetic_slide(
@@ -137,7 +137,7 @@ def cmd_tissue(args: argparse.Namespace) -> int:
     import imagecodecs
     import numpy as np
 
-    from .slide.tissue import tile_grid, tissue_mask, tissue_pieces
+    from ..slide.tissue import tile_grid, tissue_mask, tissue_pieces
 
     slide = _open(args.slide, args.mpp)
     mask = tissue_mask(slide, _tissue_params(args))
@@ -169,7 +169,7 @@ def cmd_tissue(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ._napari.demo import run_demo
+    from .._napari.demo import run_demo
 
     return run_demo(out=Path(args.out), headless=args.headless, size=args.size)
 
@@ -341,14 +341,14 @@ def _settings(cls, args: argparse.Namespace):
 
 
 def _cohort(args: argparse.Namespace):
-    from .train.cohort import read_cohort
+    from ..train.cohort import read_cohort
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     return read_cohort(args.cohort, classes)
 
 
 def cmd_synth_cohort(args: argparse.Namespace) -> int:
-    from .train.cohort import make_synthetic_cohort
+    from ..train.cohort import make_synthetic_cohort
 
     per = {}
     for item in args.per_class:
@@ -373,7 +373,7 @@ def _labelled_cohort(args: argparse.Namespace, cohort, events: _EventPrinter | N
     event, or a line on ``file``, stdout by default)."""
     from dataclasses import asdict
 
-    from .labels import LabelStore, LabelStoreError, apply_labels_with_summary
+    from ..labels import LabelStore, LabelStoreError, apply_labels_with_summary
 
     path = Path(args.labels)
     if not path.is_file():
@@ -429,7 +429,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     printer = events if events is not None else _ProgressPrinter(args.quiet)
     with _StopSignals() as stop:
         if args.model == "grid":
-            from .train.grid import GridTrainSettings, train_grid
+            from ..train.grid import GridTrainSettings, train_grid
 
             settings = _settings(GridTrainSettings, args)
             work = train_grid(
@@ -441,7 +441,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 init=args.init,
             )
         elif args.model == "dual":
-            from .train.dual import DualTrainSettings, train_dual
+            from ..train.dual import DualTrainSettings, train_dual
 
             settings = _settings(DualTrainSettings, args)
             work = train_dual(
@@ -453,7 +453,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 init=args.init,
             )
         else:
-            from .train.sliding_window import SlidingWindowSettings, train_sliding_window
+            from ..train.sliding_window import SlidingWindowSettings, train_sliding_window
 
             settings = _settings(SlidingWindowSettings, args)
             work = train_sliding_window(
@@ -505,8 +505,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import predict
-    from .progress import run_to_end
+    from ..inference import predict
+    from ..progress import run_to_end
 
     slide = _open(args.slide, args.mpp)
     with slide:
@@ -528,9 +528,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .inference import load_any, predict
-    from .progress import run_to_end
-    from .train.metrics import evaluate, format_confusion, format_table2
+    from ..inference import load_any, predict
+    from ..progress import run_to_end
+    from ..train.metrics import evaluate, format_confusion, format_table2
 
     cohort = _cohort(args)
     if args.labels:  # with --json, stdout is the JSON alone
@@ -603,7 +603,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # -- labels ------------------------------------------------------------------------------
 def _existing_store(path: str):
     """The label store at ``path``; a missing file is an error, not a new store."""
-    from .labels import LabelStore, LabelStoreError
+    from ..labels import LabelStore, LabelStoreError
 
     if not Path(path).is_file():
         raise LabelStoreError(path, "no such label store")
@@ -624,7 +624,7 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> int:
-    from .labels import LabelStore
+    from ..labels import LabelStore
 
     store_path = Path(args.store)
     created = not store_path.exists()
@@ -678,7 +678,7 @@ def _state_text(target: str, state: dict[str, Any] | None) -> str:
 
 
 def cmd_labels_show(args: argparse.Namespace) -> int:
-    from .labels import slide_key
+    from ..labels import slide_key
 
     with _existing_store(args.store) as store:
         base = store.path.resolve().parent
@@ -928,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .slide.reader import SlideError
+    from ..slide.reader import SlideError
 
     try:
         return int(args.func(args) or 0)
