@@ -134,12 +134,12 @@ def test_default_sample_is_a_needle_in_a_haystack(tmp_path: Path) -> None:
 
 
 def test_sample_slide_uses_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import napari_slide_attention.slide.synthetic as synthetic
+    from napari_slide_attention.slide.synthetic import writer
 
     calls = []
-    monkeypatch.setattr(synthetic, "write_synthetic_slide", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(writer, "write_synthetic_slide", lambda *a, **k: calls.append(a))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = synthetic.sample_slide()
+    path = writer.sample_slide()
     assert path.parent == tmp_path / "napari-slide-attention"
     assert calls and calls[0][0] == path
 
