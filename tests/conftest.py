@@ -25,7 +25,7 @@ def tiny_cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_grid_model(tiny_cohort, tmp_path_factory):
     """A grid-attention checkpoint trained for one epoch on the tiny cohort."""
-    from napari_slide_attention.progress import run_to_end
+    from napari_slide_attention.jobs import run_to_end
     from napari_slide_attention.train.grid import GridTrainSettings, train_grid
 
     run = tmp_path_factory.mktemp("tiny-grid-run")

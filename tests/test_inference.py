@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_slide_attention.inference import AGGREGATIONS, aggregate, predict, predict_slide
+from napari_slide_attention.inference import AGGREGATIONS, aggregate, predict
+from napari_slide_attention.jobs import Job, Stopped, run_to_end
 from napari_slide_attention.models.checkpoint import load_model
-from napari_slide_attention.progress import run_to_end
 from napari_slide_attention.results import SlideResult
 from napari_slide_attention.slide.reader import open_slide
-from napari_slide_attention.train.data import slide_pieces, tile_edge_px
+from napari_slide_attention.slide.sampling import slide_pieces, tile_edge_px
 
 
 def test_highest_risk_rule_and_the_other_aggregations():
@@ -32,7 +32,7 @@ def test_highest_risk_rule_and_the_other_aggregations():
 def test_predict_slide_gives_every_piece_on_the_slide_grid(tiny_cohort, tiny_grid_model, tmp_path):
     entry = tiny_cohort.split("test")[3]
     events = []
-    result = run_to_end(predict_slide(tiny_grid_model, entry.slide, device="cpu"), events.append)
+    result = run_to_end(predict(tiny_grid_model, entry.slide, device="cpu"), events.append)
     assert [e.stage for e in events][:2] == ["tissue", "tissue"]
     piece_events = [e for e in events if e.stage == "piece"]
     assert len(piece_events) == len(result.pieces) and piece_events[-1].done == len(result.pieces)
@@ -69,7 +69,7 @@ def test_predict_equals_the_model_on_the_tiles_in_one_batch(tiny_cohort, tiny_gr
         level = result.pieces[0].level
         tiles = np.stack([slide.read_region(level, *map(int, b)) for b in sample.grid.boxes()])
     with torch.no_grad():
-        out = model(torch.from_numpy(tiles), sample.cells, sample.grid_shape)
+        out = model(torch.from_numpy(tiles), torch.from_numpy(sample.cells), sample.grid_shape)
     np.testing.assert_allclose(
         result.pieces[0].probabilities, torch.softmax(out.logits, 0).numpy(), rtol=1e-4, atol=1e-5
     )
@@ -88,13 +88,13 @@ def test_a_slide_without_tissue_is_a_clear_error(tmp_path, tiny_grid_model):
         resolutionunit="CENTIMETER",
     )
     with pytest.raises(ValueError, match="no tissue"):
-        run_to_end(predict_slide(tiny_grid_model, path, device="cpu"))
+        run_to_end(predict(tiny_grid_model, path, device="cpu"))
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_float32(tiny_cohort, tiny_grid_model):
     entry = tiny_cohort.split("test")[2]
-    exact = run_to_end(predict_slide(tiny_grid_model, entry.slide, device="cpu", amp=False))
-    mixed = run_to_end(predict_slide(tiny_grid_model, entry.slide, device="cpu", amp=True))
+    exact = run_to_end(predict(tiny_grid_model, entry.slide, device="cpu", amp=False))
+    mixed = run_to_end(predict(tiny_grid_model, entry.slide, device="cpu", amp=True))
     assert mixed.info["amp"] and not exact.info["amp"]
     for a, b in zip(mixed.pieces, exact.pieces, strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=0.05)
@@ -104,34 +104,41 @@ def test_bf16_autocast_on_cpu_stays_close_to_float32(tiny_cohort, tiny_grid_mode
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_autocast_channels_last_matches_cpu(tiny_cohort, tiny_grid_model):
     entry = tiny_cohort.split("test")[3]
-    cpu = run_to_end(predict_slide(tiny_grid_model, entry.slide, device="cpu", amp=False))
-    gpu = run_to_end(predict_slide(tiny_grid_model, entry.slide, device="cuda"))
+    cpu = run_to_end(predict(tiny_grid_model, entry.slide, device="cpu", amp=False))
+    gpu = run_to_end(predict(tiny_grid_model, entry.slide, device="cuda"))
     assert gpu.info["device"].startswith("cuda") and gpu.info["amp"]
     for a, b in zip(gpu.pieces, cpu.pieces, strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=0.05)
 
 
-def test_on_tiles_follows_every_chunk_and_an_exception_from_it_stops_the_run(
+def test_tiles_events_follow_every_chunk_and_a_stop_ends_the_run_within_one(
     tiny_cohort, tiny_grid_model
 ):
     slide = tiny_cohort.split("test")[0].slide
-    seen: list[int] = []
-    result = run_to_end(predict(tiny_grid_model, slide, chunk_tiles=4, on_tiles=seen.append))
-    assert sum(seen) == result.info["tiles"] and max(seen) <= 4 and len(seen) > 2
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(n: int) -> None:
-        calls.append(n)
-        if len(calls) == 2:
-            raise Stop
-
-    calls: list[int] = []
     events = []
-    with pytest.raises(Stop):
-        run_to_end(
-            predict(tiny_grid_model, slide, chunk_tiles=4, on_tiles=stop_after_two),
-            events.append,
-        )
-    assert len(calls) == 2 and not [e for e in events if e.stage == "piece"][1:]
+    result = run_to_end(predict(tiny_grid_model, slide, chunk_tiles=4), events.append)
+    tiles = [e for e in events if e.stage == "tiles"]
+    steps = np.diff([0] + [e.done for e in tiles])
+    assert tiles[-1].done == tiles[-1].total == result.info["tiles"]
+    assert steps.max() <= 4 and steps.min() >= 1 and len(tiles) > 2
+
+    job = Job(predict(tiny_grid_model, slide, chunk_tiles=4))
+    seen = []
+
+    def stop_at_the_second_chunk(event) -> None:
+        seen.append(event)
+        if event.stage == "tiles" and event.done > 4:
+            job.stop("cancelled")
+
+    with pytest.raises(Stopped, match="cancelled"):
+        job.run(stop_at_the_second_chunk)
+    assert seen[-1].stage == "tiles" and not [e for e in seen if e.stage == "piece"][1:]
+
+
+def test_an_option_the_kind_does_not_take_is_refused_before_any_work(
+    tiny_cohort, tiny_grid_model
+):
+    slide = tiny_cohort.split("test")[0].slide
+    work = predict(tiny_grid_model, slide, sampler="random")
+    with pytest.raises(ValueError, match=r"does not take the option\(s\) sampler"):
+        next(work)

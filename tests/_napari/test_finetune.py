@@ -35,7 +35,7 @@ from napari_slide_attention._napari.finetune import (
     train_command_kind,
 )
 from napari_slide_attention.cli import build_parser
-from napari_slide_attention.progress import run_to_end
+from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.train.cohort import write_cohort
 from napari_slide_attention.train.metrics import evaluate
 

@@ -11,7 +11,7 @@ import torch
 
 from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
 from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
-from napari_slide_attention.progress import run_to_end
+from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.results import SlideResult
 from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.train.data import read_tiles, read_view

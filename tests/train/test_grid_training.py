@@ -11,7 +11,7 @@ import torch
 
 from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
 from napari_slide_attention.models.grid_attention import GridAttention
-from napari_slide_attention.progress import run_to_end
+from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.train.grid import GridTrainSettings, slide_loss, train_grid
 
 

@@ -11,7 +11,7 @@ import torch
 
 from napari_slide_attention.models.checkpoint import read_checkpoint
 from napari_slide_attention.models.sliding_window import CropClassifier, aggregate_tiles
-from napari_slide_attention.progress import run_to_end
+from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.results import SlideResult
 from napari_slide_attention.train import sliding_window as sw
 from napari_slide_attention.train.cohort import Cohort, make_synthetic_cohort

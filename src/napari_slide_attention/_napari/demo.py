@@ -54,7 +54,7 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
     A finished run leaves a ``done`` marker; an interrupted one resumes from its last
     epoch the next time.
     """
-    from ..progress import run_to_end
+    from ..jobs import run_to_end
     from ..train.cohort import make_synthetic_cohort
 
     run = out / ("model" if kind == "grid" else f"model-{kind}")
@@ -129,7 +129,7 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     screenshots of the canvas and of each panel, and a report."""
     import napari
 
-    from ..progress import run_to_end
+    from ..jobs import run_to_end
     from .session import session_for
 
     out = Path(out)
@@ -156,13 +156,13 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     checkpoint = demo_model(out)
     timings["train demo model (s, cached after the first run)"] = time.perf_counter() - start
 
-    from ..train.dual import predict_slide_dual
+    from ..inference import predict
 
     start = time.perf_counter()
     dual_checkpoint = demo_model(out, kind="dual")
     timings["train dual demo model (s, cached after the first run)"] = time.perf_counter() - start
     start = time.perf_counter()
-    dual = run_to_end(predict_slide_dual(dual_checkpoint, slide))
+    dual = run_to_end(predict(dual_checkpoint, slide))
     dual.save(out / "result-dual")
     timings["predict dual (s)"] = time.perf_counter() - start
     cohort_csv = review_cohort(out, path, truth["label"])

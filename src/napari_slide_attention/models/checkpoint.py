@@ -2,7 +2,9 @@
 
 A checkpoint is ``<name>.safetensors``: the model's tensors plus, in the safetensors
 metadata, the JSON config (model kind, sizes, class names, normalisation) and the
-format version. Loading one reads tensors and JSON only; nothing is unpickled. Writes
+format version. Loading one reads tensors and JSON only; nothing is unpickled. The
+header (kind, config, extras) is read from the file's JSON prefix with the standard
+library alone, so a file picker on the GUI thread never imports torch. Writes
 go to a temporary file in the same directory that is renamed over the target, so a
 crash never leaves a half-written checkpoint under the real name.
 
@@ -14,16 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from .registry import model_kind
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -32,16 +36,14 @@ __all__ = [
     "load_model",
     "load_training_state",
     "read_checkpoint",
-    "register_model",
     "save_checkpoint",
     "save_training_state",
 ]
 
 CHECKPOINT_VERSION = 1
 _FORMAT = "napari-slide-attention"
-
-# kind -> (config from dict, model from config)
-_MODELS: dict[str, tuple[Callable[[dict], Any], Callable[[Any], nn.Module]]] = {}
+# A header larger than this is not one of ours (ours are a few kB).
+_MAX_HEADER = 64 << 20
 
 
 class CheckpointError(ValueError):
@@ -61,7 +63,7 @@ class Checkpoint:
         path: the file.
         kind: model kind, e.g. "grid-attention".
         config: the model's settings (JSON values).
-        tensors: the weights by name.
+        tensors: the weights by name (torch tensors; empty for a header read).
         extra: other JSON facts (epoch, metrics, cohort, training settings).
         version: checkpoint format version.
     """
@@ -69,19 +71,14 @@ class Checkpoint:
     path: Path
     kind: str
     config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = CHECKPOINT_VERSION
 
 
-def register_model(
-    kind: str, config_from_dict: Callable[[dict], Any], build: Callable[[Any], nn.Module]
-) -> None:
-    """Make ``load_model`` able to rebuild models of this kind."""
-    _MODELS[kind] = (config_from_dict, build)
-
-
 def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], path: Path):
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -130,16 +127,29 @@ def save_checkpoint(
     return _atomic_save(state_dict, metadata, path)
 
 
-def _read(path: Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header's ``__metadata__``, read with the standard library.
+
+    A safetensors file starts with the header's length (8 bytes, little-endian) and the
+    header itself (JSON: tensor names, dtypes, shapes, offsets, and ``__metadata__``).
+    """
     if not path.is_file():
         raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path)) if with_tensors else {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError("the file is shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(_MAX_HEADER, path.stat().st_size - 8):
+                raise ValueError(f"header length {length} does not fit the file")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             path, f"not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
@@ -159,7 +169,19 @@ def _read(path: Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor
             f"checkpoint format version {metadata.get('version')!r}; this napari-slide-"
             f"attention reads versions 1 to {CHECKPOINT_VERSION} (upgrade the package)",
         )
-    return tensors, metadata
+    return metadata
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            path, f"not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def read_checkpoint(path: str | os.PathLike, *, tensors: bool = True) -> Checkpoint:
@@ -174,14 +196,19 @@ def read_checkpoint(path: str | os.PathLike, *, tensors: bool = True) -> Checkpo
         CheckpointError: missing, unreadable, not ours, or from a newer format.
     """
     path = Path(path)
-    tensors, metadata = _read(path, with_tensors=tensors)
+    metadata = _read_metadata(path)
     try:
         config = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
         kind = metadata["kind"]
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"damaged header ({exc})") from exc
-    return Checkpoint(path, kind, config, tensors, extra, int(metadata["version"]))
+    if not isinstance(config, dict) or not isinstance(extra, dict) or not isinstance(kind, str):
+        raise CheckpointError(
+            path, "damaged header (config and extra must be JSON objects, kind a string)"
+        )
+    weights = _read_tensors(path) if tensors else {}
+    return Checkpoint(path, kind, config, weights, extra, int(metadata["version"]))
 
 
 def load_model(
@@ -193,23 +220,16 @@ def load_model(
         CheckpointError: unreadable, an unknown kind, or weights that do not fit.
     """
     checkpoint = read_checkpoint(path)
-    _ensure_registered()
-    if checkpoint.kind not in _MODELS:
-        raise CheckpointError(
-            path, f"unknown model kind {checkpoint.kind!r} (known: {', '.join(sorted(_MODELS))})"
-        )
-    from_dict, build = _MODELS[checkpoint.kind]
     try:
-        model = build(from_dict(checkpoint.config))
+        kind = model_kind(checkpoint.kind)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
+    try:
+        model = kind.build(kind.config_from_dict(checkpoint.config))
         model.load_state_dict(checkpoint.tensors, strict=True)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(path, f"does not fit a {checkpoint.kind} model: {exc}") from exc
     return model.to(device).eval(), checkpoint
-
-
-def _ensure_registered() -> None:
-    # Model modules register themselves on import; import the known ones lazily.
-    from . import dual_attention, grid_attention, sliding_window  # noqa: F401
 
 
 # -- training state -----------------------------------------------------------------------
@@ -217,6 +237,8 @@ def save_training_state(
     path: str | os.PathLike, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
 ) -> Path:
     """Write the optimiser's state and the loop's JSON state atomically (for resuming)."""
+    import torch
+
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}

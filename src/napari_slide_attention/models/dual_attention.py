@@ -230,11 +230,3 @@ class DualAttention(nn.Module):
         """α^e, the soft attention loss's weight in the joint loss at ``epoch``."""
         return float(self.config.joint_alpha**epoch)
 
-
-def _register() -> None:
-    from .checkpoint import register_model
-
-    register_model(MODEL_KIND, DualAttentionConfig.from_dict, DualAttention)
-
-
-_register()

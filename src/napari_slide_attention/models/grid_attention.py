@@ -21,7 +21,6 @@ therefore give the same tiles in the same order each time it is called.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tile_network import Autocast, ModelConfig, TileNetwork, model_device
+from .device import Autocast, model_device
+from .tile_network import ModelConfig, TileNetwork
 
 __all__ = [
     "GridAttention",
@@ -228,13 +228,22 @@ class GridAttention(TileNetwork):
         return GridOutput(logits[0], maps[0], scores[0], features)
 
     # -- chunked passes ------------------------------------------------------------------
-    def _embed_chunks(
+    def embed_chunks(
         self,
         chunks: Iterable[torch.Tensor],
         device: torch.device,
         autocast: Autocast,
         frozen: bool = False,
     ) -> Iterator[torch.Tensor]:
+        """(n, 512) float32 features of each chunk of tiles, chunk by chunk (no autograd
+        graph is kept only when the caller runs it under ``torch.no_grad``).
+
+        Args:
+            chunks: raw tiles (uint8 NHWC), or the frozen stages' output when ``frozen``.
+            device: where to compute.
+            autocast: the precision policy.
+            frozen: see ``predict_chunks``.
+        """
         for x in chunks:
             with autocast():
                 if frozen:
@@ -262,15 +271,28 @@ class GridAttention(TileNetwork):
             cells: (N,) flat grid positions.
             grid_shape: (H', W').
             device: where to compute (default: where the model is).
-            amp: autocast (fp16 on CUDA, bf16 on CPUs that support it); None = on CUDA only.
+            amp: autocast; None = ``default_amp`` (CUDA, CPUs with native bf16).
             frozen: the chunks hold the frozen stages' output for the tiles
                 (``frozen_features(prepare_on(tiles))``), which stays valid while those
                 stages do not change: validation during training re-uses it each epoch.
         """
         device = torch.device(device) if device is not None else model_device(self)
         autocast = Autocast(device, amp)
-        features = torch.cat(list(self._embed_chunks(chunks, device, autocast, frozen)))
-        u, tissue = cells_to_grid(features, cells.to(device), grid_shape)
+        features = torch.cat(list(self.embed_chunks(chunks, device, autocast, frozen)))
+        return self.attend_features(features, cells, grid_shape)
+
+    @torch.no_grad()
+    def attend_features(
+        self, features: torch.Tensor, cells: torch.Tensor, grid_shape: tuple[int, int]
+    ) -> GridOutput:
+        """The attention and the class scores of a grid whose tiles are embedded.
+
+        Args:
+            features: (N, 512) tile features in the order of ``cells``.
+            cells: (N,) flat grid positions.
+            grid_shape: (H', W').
+        """
+        u, tissue = cells_to_grid(features, cells.to(features.device), grid_shape)
         logits, maps, scores = self.attend(u, tissue)
         return GridOutput(logits[0], maps[0], scores[0], features)
 
@@ -411,17 +433,3 @@ def _frozen_batchnorm_stats(modules: Sequence[nn.Module]):
     finally:
         for m, momentum in saved:
             m.momentum = momentum
-
-
-def grid_shape_for(height: int, width: int, tile: int) -> tuple[int, int]:
-    """The paper's grid: H' = floor(H / h), W' = floor(W / w) (at least 1 x 1)."""
-    return max(1, math.floor(height / tile)), max(1, math.floor(width / tile))
-
-
-def _register() -> None:
-    from .checkpoint import register_model
-
-    register_model(MODEL_KIND, GridAttentionConfig.from_dict, GridAttention)
-
-
-_register()

@@ -699,11 +699,3 @@ def hard_attention_loss(
     accuracy = rewards[:, -1].mean()
     return HardAttentionLoss(total, classification, reinforce, baseline, overlap, ordinal, accuracy)
 
-
-def _register() -> None:
-    from .checkpoint import register_model
-
-    register_model(MODEL_KIND, HardAttentionConfig.from_dict, HardAttention)
-
-
-_register()

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tile_network import Autocast, ModelConfig, TileNetwork, model_device
+from .device import Autocast, model_device
+from .tile_network import ModelConfig, TileNetwork
 
 __all__ = ["MODEL_KIND", "CropClassifier", "SlidingWindowConfig", "aggregate_tiles"]
 
@@ -185,6 +186,15 @@ class CropClassifier(TileNetwork):
         return self.classify(self.prepare(tiles))
 
     @torch.no_grad()
+    def probabilities(
+        self, tiles: torch.Tensor, device: torch.device, autocast: Autocast
+    ) -> torch.Tensor:
+        """(n, C) float32 class probabilities of one batch of raw tiles (on the CPU)."""
+        with autocast():
+            logits = self.classify(self.prepare_on(tiles, device))
+        return torch.softmax(logits.float(), 1).cpu()
+
+    @torch.no_grad()
     def predict_chunks(
         self,
         chunks: Iterable[torch.Tensor],
@@ -197,24 +207,11 @@ class CropClassifier(TileNetwork):
         Args:
             chunks: raw tiles, in chunks.
             device: where to compute (default: where the model is).
-            amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = on CUDA only.
+            amp: autocast; None = ``default_amp`` (CUDA, CPUs with native bf16).
         """
         device = torch.device(device) if device is not None else model_device(self)
         autocast = Autocast(device, amp)
-        parts = []
-        for tiles in chunks:
-            with autocast():
-                logits = self.classify(self.prepare_on(tiles, device))
-            parts.append(torch.softmax(logits.float(), 1).cpu())
+        parts = [self.probabilities(tiles, device, autocast) for tiles in chunks]
         if not parts:
             return torch.zeros(0, len(self.config.classes))
         return torch.cat(parts)
-
-
-def _register() -> None:
-    from .checkpoint import register_model
-
-    register_model(MODEL_KIND, SlidingWindowConfig.from_dict, CropClassifier)
-
-
-_register()

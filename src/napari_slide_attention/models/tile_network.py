@@ -7,7 +7,6 @@ input preparation (scaling, resizing, normalisation) and mixed-precision choice.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -16,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import model_device
 from .preact_resnet import PreActResNet, preact_resnet18
 
-__all__ = ["Autocast", "ModelConfig", "TileNetwork", "model_device"]
+__all__ = ["ModelConfig", "TileNetwork"]
 
 
 class ModelConfig:
@@ -60,30 +60,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown {fields['kind'].default} settings: {', '.join(unknown)}")
         return cls(**data)
-
-
-class Autocast:
-    """Mixed precision where it helps: fp16/bf16 on CUDA, bf16 on CPUs (when enabled)."""
-
-    def __init__(self, device: torch.device, amp: bool | None):
-        if amp is None:
-            amp = device.type == "cuda"
-        self.enabled = bool(amp)
-        if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.bfloat16
-        self.device_type = device.type
-
-    def __call__(self):
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device a model's parameters are on."""
-    return next(model.parameters()).device
 
 
 class TileNetwork(nn.Module):

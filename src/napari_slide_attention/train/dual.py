@@ -2,7 +2,8 @@
 
 ``train_dual`` is a generator of ``Progress`` events returning a ``TrainSummary``, like
 ``train_grid``; the run directory, resume, checkpoints and logs are ``train/loop.py``'s.
-``predict_slide_dual`` runs a trained model on one slide and returns a ``SlideResult``.
+Running a trained model on a slide is ``inference/dual.py``'s ``predict_dual``, whose
+tile selection and glimpse steps the validation here uses too.
 
 One training step (the paper, section IV-A2): ``slides_per_step`` slides, chosen so that
 a step mixes the classes (round robin over the classes, each class's slides shuffled);
@@ -30,25 +31,24 @@ probability of that class (the paper's HER2 confidence).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..inference import resolve_device
+from ..inference.dual import SAMPLERS, run_hard, select_tiles, slide_call
+from ..jobs import Progress, run_to_end
+from ..models.device import resolve_device
 from ..models.dual_attention import DualAttention, DualAttentionConfig
 from ..models.hard_attention import hard_attention_loss
-from ..models.sampling import random_tiles, sample_tiles, sample_without_replacement
-from ..progress import Progress
-from ..results import SlideResult
+from ..models.sampling import sample_without_replacement
+from ..slide.boxes import cell_boxes
 from ..slide.reader import Slide, open_slide
+from ..slide.sampling import SlideView, read_tiles, read_view, tile_edge_px, tissue_statistics
 from ..slide.tissue import TissueParams, tissue_mask
 from .cohort import Cohort
-from .data import SlideView, read_tiles, read_view, tile_edge_px, tissue_statistics
 from .loop import (
     RunDirectory,
     SettingsRecord,
@@ -61,11 +61,7 @@ from .loop import (
 from .metrics import Metrics, evaluate
 
 __all__ = [
-    "SAMPLERS",
     "DualTrainSettings",
-    "TileSelection",
-    "predict_slide_dual",
-    "select_tiles",
     "train_dual",
 ]
 
@@ -95,7 +91,6 @@ CPU_PRESET: dict[str, Any] = {
         "context_channels": [8, 16, 32],
     },
 }
-SAMPLERS = ("attention", "random")
 
 
 @dataclass
@@ -202,100 +197,6 @@ class DualTrainSettings(SettingsRecord):
         return self.lr * self.lr_gamma ** (epoch // self.lr_step)
 
 
-# ----------------------------------------------------------------------------------------
-# Tile selection (shared by training, validation and inference)
-
-
-@dataclass(frozen=True)
-class TileSelection:
-    """The tiles chosen on one slide and where they came from.
-
-    Attributes:
-        boxes: (N, 4) int64 level-0 (x, y, w, h).
-        attention: (N,) the soft attention A at each tile's cell.
-        rank: (N,) order of choice (0 first).
-        cells: (N, 2) (row, col) attention cells.
-        attention_map: (h', w') float32 A over the view's cells.
-        tissue: (h', w') bool, the cells that are tissue.
-        cell_px: level-0 px per attention cell.
-        note: what the sampler reported (fewer tiles than asked, mask fallback, ...).
-    """
-
-    boxes: np.ndarray
-    attention: np.ndarray
-    rank: np.ndarray
-    cells: np.ndarray
-    attention_map: np.ndarray
-    tissue: np.ndarray
-    cell_px: float
-    note: str = ""
-
-
-def select_tiles(
-    model: DualAttention,
-    view: SlideView,
-    slide_size: tuple[int, int],
-    tile_px: int,
-    rng: np.random.Generator,
-    *,
-    sampler: str = "attention",
-    device: torch.device | None = None,
-) -> TileSelection:
-    """The soft attention over a view and the N tiles it (or the random baseline) picks.
-
-    Args:
-        model: the dual model.
-        view: the slide's view and tissue mask.
-        slide_size: level-0 (width, height), to keep tiles inside the slide.
-        tile_px: tile edge in level-0 px.
-        rng: noise and random choices.
-        sampler: "attention" or "random".
-        device: where the soft attention runs.
-    """
-    config = model.config
-    device = device or next(model.parameters()).device
-    with torch.no_grad():
-        out = model.attend(
-            torch.from_numpy(view.image)[None].to(device),
-            torch.from_numpy(view.tissue)[None].to(device),
-        )
-    attention = out.attention[0].float().cpu().numpy()
-    tissue = out.tissue[0].cpu().numpy()
-    cell_px = view.downsample * model.soft.config.pool
-    distance = config.min_distance if config.min_distance is not None else tile_px / cell_px
-    common = {
-        "cell_size": cell_px,
-        "origin": (0, 0),
-        "tile_size": tile_px,
-        "slide_size": slide_size,
-        "rng": rng,
-    }
-    if sampler == "random":
-        picked = random_tiles(tissue, config.n_tiles, distance=distance, **common)
-    else:
-        picked = sample_tiles(
-            attention,
-            tissue,
-            config.n_tiles,
-            refine=config.refine,
-            noise=config.noise,
-            distance=distance,
-            candidates=config.candidates,
-            **common,
-        )
-    flat = attention[picked.cells[:, 0], picked.cells[:, 1]] if len(picked.cells) else np.zeros(0)
-    return TileSelection(
-        boxes=np.asarray(picked.boxes, dtype=np.int64),
-        attention=np.asarray(flat, dtype=np.float32),
-        rank=np.asarray(picked.rank, dtype=np.int64),
-        cells=np.asarray(picked.cells, dtype=np.int64),
-        attention_map=attention.astype(np.float32),
-        tissue=tissue.astype(bool),
-        cell_px=float(cell_px),
-        note=getattr(picked, "note", "") or "",
-    )
-
-
 def _augment(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random quarter turn and flip per tile ((N, h, w, 3) uint8, square tiles)."""
     out = np.empty_like(tiles)
@@ -303,67 +204,6 @@ def _augment(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         t = np.rot90(t, int(rng.integers(4)))
         out[i] = t[:, ::-1] if rng.random() < 0.5 else t
     return out
-
-
-def _cell_boxes(cells: np.ndarray, cell_px: float, tile_px: int, slide_size: tuple[int, int]):
-    """Level-0 tile boxes centred on cells ((N, 2) rows, cols of a grid of ``cell_px``
-    level-0 px per cell), shifted to lie inside the slide."""
-    centres = (cells + 0.5) * cell_px  # (N, 2) y, x
-    x0 = np.round(centres[:, 1] - tile_px / 2)
-    y0 = np.round(centres[:, 0] - tile_px / 2)
-    width, height = slide_size
-    x0 = np.clip(x0, 0, max(0, width - tile_px))
-    y0 = np.clip(y0, 0, max(0, height - tile_px))
-    n = len(cells)
-    return np.stack([x0, y0, np.full(n, tile_px), np.full(n, tile_px)], 1).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------------------
-# Tile classification and the slide call
-
-
-def slide_call(tile_probabilities: np.ndarray, risk: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The slide's probabilities (mean over tiles) and class (most frequent tile class,
-    ties to the higher risk)."""
-    probs = np.asarray(tile_probabilities, dtype=np.float64)
-    mean = probs.mean(0)
-    votes = np.bincount(probs.argmax(1), minlength=probs.shape[1])
-    rank = {c: i for i, c in enumerate(risk)}
-    top = max(range(len(votes)), key=lambda c: (votes[c], rank[c]))
-    return (mean / mean.sum()).astype(np.float32), int(top)
-
-
-@dataclass(frozen=True)
-class _TileRun:
-    probabilities: np.ndarray  # (N, K) final-step
-    step_probabilities: np.ndarray  # (N, T, K)
-    locations: np.ndarray  # (N, T, 2) in [-1, 1] (x, y)
-
-
-def _run_hard(
-    model: DualAttention,
-    tiles: np.ndarray,
-    device: torch.device,
-    generator: torch.Generator | None,
-    chunk: int = 32,
-) -> _TileRun:
-    """The hard attention on tiles (inference: policy means; random first glimpse drawn
-    from ``generator``)."""
-    px = model.hard.config.tile_px
-    probs, steps, locs = [], [], []
-    with torch.no_grad():
-        for i in range(0, len(tiles), chunk):
-            x = model.prepare(torch.from_numpy(tiles[i : i + chunk]), px).to(device)
-            episode = model.hard(x, sample=False, generator=generator)
-            p = torch.softmax(episode.logits.float(), -1)  # (B, T, K)
-            probs.append(p[:, -1].cpu().numpy())
-            steps.append(p.cpu().numpy())
-            locs.append(episode.locations.float().cpu().numpy())
-    k = len(model.config.classes)
-    t = model.hard.config.glimpses
-    if not probs:
-        return _TileRun(np.zeros((0, k)), np.zeros((0, t, k)), np.zeros((0, t, 2)))
-    return _TileRun(np.concatenate(probs), np.concatenate(steps), np.concatenate(locs))
 
 
 # ----------------------------------------------------------------------------------------
@@ -451,7 +291,7 @@ def evaluate_dual(
         with open_slide(item.slide) as slide:
             tiles = read_tiles(slide, chosen.boxes, model.hard.config.tile_px)
         generator = torch.Generator(device="cpu").manual_seed(seed * 7919 + k)
-        run = _run_hard(model, tiles, device, generator)
+        run = run_to_end(run_hard(model, tiles, device, generator))
         p, _ = slide_call(run.probabilities, model.config.risk)
         truth.append(item.label)
         probs.append(p)
@@ -540,7 +380,7 @@ def train_dual(
         idx = sample_without_replacement(flat.detach().cpu(), min(n_soft, n_cells), generator=gen)
         width = out.attention.shape[-1]
         cells = np.stack([idx[0].numpy() // width, idx[0].numpy() % width], 1)
-        boxes = _cell_boxes(cells, config.cell_px, item.tile_px, item.size)
+        boxes = cell_boxes(cells, config.cell_px, item.tile_px, item.size)
         tiles = read_tiles(slide, boxes, config.feature_px)
         if augment:
             tiles = _augment(tiles, rng)
@@ -662,175 +502,6 @@ def _normalisation_tiles(
         rows, cols = np.nonzero(item.view.tissue)
         pick = rng.choice(len(rows), size=min(settings.normalise_tiles, len(rows)), replace=False)
         pixels = np.stack([rows[pick], cols[pick]], 1)  # view px as (1 x 1) cells
-        boxes = _cell_boxes(pixels, item.view.downsample, item.tile_px, item.size)
+        boxes = cell_boxes(pixels, item.view.downsample, item.tile_px, item.size)
         with open_slide(item.slide) as slide:
             yield from read_tiles(slide, boxes, settings.feature_px)
-
-
-# ----------------------------------------------------------------------------------------
-# Inference
-
-
-def predict_slide_dual(
-    model: DualAttention | str | os.PathLike,
-    slide: Slide | str | os.PathLike,
-    *,
-    device: str | torch.device | None = "auto",
-    sampler: str = "attention",
-    seed: int = 0,
-    tissue: TissueParams | None = None,
-    mpp: float | None = None,
-    amp: bool | None = None,
-    **_ignored: Any,
-) -> Generator[Progress, None, SlideResult]:
-    """Run a dual attention model on a slide.
-
-    The soft attention over the x32 view, the N tiles its sampling picks (with the
-    training's noise, drawn from ``seed`` so a run is repeatable), T glimpses per tile
-    with the policy's mean locations; the slide's class is the most frequent tile class.
-
-    Args:
-        model: a ``DualAttention`` or a checkpoint path.
-        slide: an opened slide or its path.
-        device: "auto", "cpu", "cuda".
-        sampler: "attention" or "random" (the baseline's tiles).
-        seed: the sampling noise and the first glimpses.
-        tissue: tissue detection settings.
-        mpp: pixel size override for slides without one.
-        amp: unused (the dual model is small; it runs in fp32).
-
-    Yields:
-        Progress: "tissue", "attention", "tiles" (data: the tile boxes), "glimpses".
-
-    Returns:
-        The ``SlideResult``: slide-level arrays ``soft_attention`` (h', w') and
-        ``soft_tissue``, ``tile_boxes`` (N, 4), ``tile_attention``, ``tile_rank``,
-        ``tile_classes``, ``tile_probabilities`` (N, K), ``glimpse_centres`` (N, T, 2)
-        level-0 (x, y), ``glimpse_boxes`` (N, T, S, 4) level-0 (x, y, w, h) per
-        magnification, ``glimpse_probabilities`` (N, T, K); ``info["soft_attention"]``
-        gives the map's level-0 origin and cell size.
-    """
-    from ..inference import load_for_inference
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    run = load_for_inference(
-        model, device, False, DualAttention, "predict_slide_dual runs dual-attention models"
-    )
-    model, config = run.model, run.model.config
-    own = not isinstance(slide, Slide)
-    if own:
-        slide = open_slide(slide, mpp=mpp)
-    try:
-        timings = {}
-        t0 = time.perf_counter()
-        yield Progress("tissue", 0, 1, f"finding tissue in {Path(slide.path).name}")
-        view = read_view(slide, config.view_downsample, tissue=tissue)
-        if not view.tissue.any():
-            raise ValueError(
-                f"{slide.path}: no tissue found in the x{config.view_downsample:g} view"
-            )
-        timings["view"] = time.perf_counter() - t0
-        yield Progress("tissue", 1, 1, f"view {view.shape[1]}x{view.shape[0]} px")
-        t0 = time.perf_counter()
-        tile_px = tile_edge_px(slide, config.tile_um)
-        chosen = select_tiles(
-            model,
-            view,
-            slide.dimensions,
-            tile_px,
-            np.random.default_rng(seed),
-            sampler=sampler,
-            device=run.device,
-        )
-        timings["attention"] = time.perf_counter() - t0
-        yield Progress(
-            "attention",
-            1,
-            1,
-            f"{len(chosen.boxes)} tiles sampled ({sampler})",
-            {"tile_boxes": chosen.boxes},
-        )
-        t0 = time.perf_counter()
-        hard = config.hard_config()
-        tiles = read_tiles(slide, chosen.boxes, hard.tile_px)
-        timings["read"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        tile_run = _run_hard(model, tiles, run.device, generator)
-        timings["glimpses"] = time.perf_counter() - t0
-        yield Progress("glimpses", len(tiles), len(tiles), f"{len(tiles)} tiles classified")
-        probabilities, predicted = slide_call(tile_run.probabilities, config.risk)
-        centres, boxes = glimpse_geometry(chosen.boxes, tile_run.locations, hard)
-        timings["total"] = time.perf_counter() - run.start
-        arrays = {
-            "soft_attention": chosen.attention_map,
-            "soft_tissue": chosen.tissue,
-            "tile_boxes": chosen.boxes,
-            "tile_attention": chosen.attention,
-            "tile_rank": chosen.rank,
-            "tile_classes": tile_run.probabilities.argmax(1).astype(np.int64),
-            "tile_probabilities": tile_run.probabilities.astype(np.float32),
-            "glimpse_centres": centres,
-            "glimpse_boxes": boxes,
-            "glimpse_probabilities": tile_run.step_probabilities.astype(np.float32),
-        }
-        return SlideResult(
-            slide=str(slide.path),
-            model_kind=config.kind,
-            classes=config.classes,
-            probabilities=probabilities,
-            predicted=predicted,
-            aggregation="most-frequent-tile-class",
-            pieces=[],
-            timings=timings,
-            model={"checkpoint": run.checkpoint, "config": config.to_dict()},
-            slide_info={
-                "mpp": list(slide.mpp) if slide.mpp else None,
-                "dimensions": list(slide.dimensions),
-                "vendor": slide.vendor,
-            },
-            arrays=arrays,
-            info={
-                "device": str(run.device),
-                "sampler": sampler,
-                "seed": int(seed),
-                "tiles": len(tiles),
-                "tile_px": int(tile_px),
-                "soft_attention": {"origin": [0, 0], "cell_size": chosen.cell_px},
-                "glimpse_scales": list(hard.scales),
-                "sampling_note": chosen.note,
-            },
-        )
-    finally:
-        if own:
-            slide.close()
-
-
-def glimpse_geometry(
-    tile_boxes: np.ndarray, locations: np.ndarray, hard: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """Glimpse centres and boxes in level-0 px.
-
-    Args:
-        tile_boxes: (N, 4) level-0 tile boxes.
-        locations: (N, T, 2) glimpse centres in the tile's [-1, 1] (x, y) coordinates.
-        hard: the hard attention's config (glimpse_px, scales, tile_px).
-
-    Returns:
-        centres (N, T, 2) float32 level-0 (x, y); boxes (N, T, S, 4) float32 level-0
-        (x, y, w, h) of each magnification's glimpse.
-    """
-    tile_boxes = np.asarray(tile_boxes, dtype=np.float64).reshape(-1, 4)
-    loc = np.asarray(locations, dtype=np.float64)
-    x0, y0, w, h = (tile_boxes[:, i][:, None] for i in range(4))
-    cx = x0 + (loc[..., 0] + 1) / 2 * w
-    cy = y0 + (loc[..., 1] + 1) / 2 * h
-    centres = np.stack([cx, cy], -1)  # (N, T, 2)
-    per_px = w / hard.tile_px  # level-0 px per tile px, (N, 1)
-    sides = np.stack([per_px * hard.glimpse_px * s for s in hard.scales], -1)  # (N, 1, S)
-    side = np.broadcast_to(sides, (*cx.shape, len(hard.scales)))
-    boxes = np.stack(
-        [cx[..., None] - side / 2, cy[..., None] - side / 2, side, side], -1
-    )  # (N, T, S, 4)
-    return centres.astype(np.float32), boxes.astype(np.float32)

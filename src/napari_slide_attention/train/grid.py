@@ -30,20 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..inference import resolve_device
+from ..inference import aggregate
+from ..jobs import Progress
+from ..models.device import default_amp, resolve_device
 from ..models.grid_attention import GridAttention, GridAttentionConfig
-from ..progress import Progress
-from ..slide.reader import open_slide
-from ..slide.tissue import TissueParams, tissue_mask
-from .cohort import Cohort
-from .data import (
+from ..slide.reader import Slide, open_slide
+from ..slide.sampling import (
     Augmentation,
     PieceSample,
+    piece_tiles,
     read_level_for,
     slide_pieces,
-    tile_chunks,
     tile_edge_px,
 )
+from ..slide.tissue import TissueParams, tissue_mask
+from .cohort import Cohort
 from .loop import (
     RunDirectory,
     SettingsRecord,
@@ -88,7 +89,7 @@ class GridTrainSettings(SettingsRecord):
         class_weights: "balanced" (inverse class frequency of the training pieces) or
             "none".
         device: "auto", "cpu", "cuda".
-        amp: autocast; None = on CUDA only.
+        amp: autocast; None = ``models.device.default_amp``.
         seed: random seed (augmentation, dropout, order).
         normalise_tiles: tiles sampled per training slide for the normalisation statistics.
         aggregation: how pieces make a slide's call in validation.
@@ -221,7 +222,7 @@ def _sample_tiles(data: list[_SlideData], per_slide: int):
     for item in data:
         with open_slide(item.slide) as slide:
             for piece in item.pieces[:1]:
-                chunks, _, _ = tile_chunks(slide, piece, item.level, chunk_tiles=per_slide)
+                chunks, _, _ = tensor_chunks(slide, piece, item.level, chunk_tiles=per_slide)
                 first = next(iter(chunks()))
                 yield from first.numpy()
 
@@ -262,6 +263,26 @@ class FrozenCache:
             self.used += size
 
 
+def tensor_chunks(
+    slide: Slide,
+    sample: PieceSample,
+    level: int,
+    *,
+    chunk_tiles: int,
+    augmentation: Augmentation | None = None,
+) -> tuple[Callable[[], Iterator[torch.Tensor]], torch.Tensor, tuple[int, int]]:
+    """A piece's tiles (``slide.sampling.piece_tiles``) as a re-callable source of uint8
+    tensors, the (N,) flat cells they fill and the (rotated) grid shape: what
+    ``GridAttention.train_step`` and ``predict_chunks`` take."""
+    tiles = piece_tiles(slide, sample, level, chunk_tiles=chunk_tiles, augmentation=augmentation)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for batch in tiles:
+            yield torch.from_numpy(batch)
+
+    return chunks, torch.from_numpy(tiles.cells), tiles.shape
+
+
 def evaluate_grid(
     model: GridAttention,
     data: list[_SlideData],
@@ -278,15 +299,13 @@ def evaluate_grid(
     ``frozen_cache`` keeps the frozen stages' output between calls (the same slides
     each epoch, the frozen stages unchanged).
     """
-    from ..inference import aggregate
-
     model.eval()
     truth, probs, rows = [], [], []
     for item in data:
         with open_slide(item.slide) as slide:
             piece_probs = []
             for index, piece in enumerate(item.pieces):
-                chunks, cells, shape = tile_chunks(
+                chunks, cells, shape = tensor_chunks(
                     slide, piece, item.level, chunk_tiles=chunk_tiles
                 )
                 if frozen_cache is None:
@@ -360,7 +379,7 @@ def train_grid(
     run = RunDirectory(run_dir, record, resume=resume)
 
     device = resolve_device(settings.device)
-    amp = settings.amp if settings.amp is not None else device.type == "cuda"
+    amp = settings.amp if settings.amp is not None else default_amp(device)
     torch.manual_seed(settings.seed)
     config = settings.model_config(classes)
     risk = config.risk
@@ -405,7 +424,7 @@ def train_grid(
             )
             sample = piece.augmented(aug, settings.min_tissue)
             with open_slide(item.slide) as slide:
-                chunks, cells, shape = tile_chunks(
+                chunks, cells, shape = tensor_chunks(
                     slide, sample, item.level, chunk_tiles=settings.chunk_tiles, augmentation=aug
                 )
                 remaining = len(order) - (k - k % settings.samples_per_step)

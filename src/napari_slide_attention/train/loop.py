@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from ..jobs import Progress
 from ..models.checkpoint import (
     CheckpointError,
     load_training_state,
@@ -39,8 +40,7 @@ from ..models.checkpoint import (
     save_training_state,
 )
 from ..models.preact_resnet import WeightsReport, load_weights
-from ..progress import Progress
-from .data import tissue_statistics
+from ..slide.sampling import tissue_statistics
 
 __all__ = [
     "RunDirectory",

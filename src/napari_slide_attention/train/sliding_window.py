@@ -23,19 +23,16 @@ The run directory (``loop.RunDirectory``, as ``train_grid``'s) holds ``settings.
 validation crop-level mean F1, or training loss without a validation split; it carries the
 tuned thresholds), ``training-state.safetensors``, ``log.csv`` and ``log.json``.
 
-``predict_slide_sliding_window`` mirrors ``inference.predict_slide`` (both run on
-``inference.predict_pieces``): it classifies every tissue tile of each piece on the
-slide-wide tile grid and keeps the tile probabilities.
+Running a trained baseline on a slide is ``inference/sliding_window.py``'s; the crops
+pipeline (sources, the epoch's draw, batched reads) is ``train/crops.py``.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +40,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference import load_for_inference, predict_pieces, resolve_device
+from ..inference.sliding_window import predict_sliding_window, tile_probabilities
+from ..jobs import Progress, run_to_end
 from ..models.checkpoint import load_model, save_checkpoint
-from ..models.sliding_window import CropClassifier, SlidingWindowConfig, aggregate_tiles
-from ..models.tile_network import Autocast
-from ..progress import Progress, run_to_end
-from ..results import PieceResult, SlideResult
-from ..slide.reader import Slide, open_slide
-from ..slide.tissue import TissueParams, tissue_mask
+from ..models.device import Autocast, default_amp, resolve_device
+from ..models.sliding_window import CropClassifier, SlidingWindowConfig
+from ..slide.tissue import TissueParams
 from .cohort import Cohort
-from .data import (
-    PieceSample,
-    read_level_for,
-    slide_pieces,
-    tile_edge_px,
+from .crops import (
+    Crop,
+    CropSource,
+    check_lesions,
+    crop_batches,
+    draw_crops,
+    expected_counts,
+    prepare_sources,
+    prepared,
+    sample_tiles,
 )
 from .loop import (
     RunDirectory,
@@ -71,21 +71,15 @@ from .loop import (
 from .metrics import Metrics, evaluate
 
 __all__ = [
-    "SLIDE_AGGREGATIONS",
     "SlidingWindowSettings",
     "TunedRule",
-    "predict_slide_sliding_window",
-    "top_k_mean",
     "train_sliding_window",
     "tune_thresholds",
 ]
 
-Box = tuple[int, int, int, int]
 # Above this many threshold/count combinations the search is coordinate-wise (see
 # tune_thresholds); the paper's four classes (27,000 combinations) stay exhaustive.
 _MAX_EXHAUSTIVE = 30_000
-# Open slides kept while reading an epoch's crops (file handles and decoder caches).
-_OPEN_SLIDES = 8
 
 
 @dataclass
@@ -115,7 +109,7 @@ class SlidingWindowSettings(SettingsRecord):
             (None = when no weights were given; nothing to do when all stages train).
         class_weights: "balanced" (inverse class frequency of an epoch's crops) or "none".
         device: "auto", "cpu", "cuda".
-        amp: autocast; None = on CUDA only.
+        amp: autocast; None = ``models.device.default_amp``.
         seed: random seed (crop positions, augmentation, dropout, order).
         normalise_tiles: tissue tiles read per training slide for the normalisation
             statistics (and the BN calibration).
@@ -212,232 +206,10 @@ class TunedRule:
         }
 
 
-@dataclass
-class _CropSource:
-    """A slide's crops: lesion boxes, lesion-free tissue tiles and how to read them."""
-
-    slide: str
-    label: int
-    level: int
-    tile_px: int
-    lesions: list[tuple[Box, int]]
-    negatives: np.ndarray  # (n, 2) level-0 (x, y) of lesion-free tissue tiles
-    pieces: list[PieceSample] = field(default_factory=list, repr=False)
-
-
-@dataclass(frozen=True)
-class _Crop:
-    source: int
-    x: int
-    y: int
-    label: int
-    rotations: int = 0
-    flip: bool = False
-
-
-def _check_lesions(cohort: Cohort, splits: Sequence[str], risk: Sequence[int]) -> None:
-    """Raise before any slide is opened when a slide above the lowest risk lacks boxes."""
-    for entry in cohort.entries:
-        if entry.split in splits and entry.label != risk[0] and not entry.lesions:
-            given = "no lesion boxes" if entry.lesions is None else "an empty list of lesions"
-            raise ValueError(
-                f"{entry.slide}: a {cohort.classes[entry.label]!r} slide of the "
-                f"{entry.split!r} split has {given}; the sliding-window baseline trains on "
-                "crops around lesions, so give their boxes in the cohort's lesions column "
-                '(a JSON list of {"class", "box"}, or \'sidecar\')'
-            )
-
-
-def _lesion_free(boxes: np.ndarray, lesions: Sequence[tuple[Box, int]]) -> np.ndarray:
-    """(n,) bool: which (x, y, w, h) boxes overlap no lesion box."""
-    keep = np.ones(len(boxes), dtype=bool)
-    for (lx, ly, lw, lh), _ in lesions:
-        hit = (
-            (boxes[:, 0] < lx + lw)
-            & (boxes[:, 0] + boxes[:, 2] > lx)
-            & (boxes[:, 1] < ly + lh)
-            & (boxes[:, 1] + boxes[:, 3] > ly)
-        )
-        keep &= ~hit
-    return keep
-
-
-def _prepare_sources(
-    cohort: Cohort,
-    split: str,
-    settings: SlidingWindowSettings,
-    tissue: TissueParams | None,
-) -> Generator[Progress, None, list[_CropSource]]:
-    """The crop sources of a split's slides (slides with neither lesions nor tissue left out)."""
-    entries = cohort.split(split)
-    out = []
-    for n, entry in enumerate(entries):
-        with open_slide(entry.slide) as slide:
-            tile_px = tile_edge_px(slide, settings.crop_um)
-            level = read_level_for(slide, tile_px, settings.input_px)
-            mask = tissue_mask(slide, tissue)
-            pieces = slide_pieces(slide, tile_px, min_tissue=settings.min_tissue, mask=mask)
-        lesions = list(entry.lesions or [])
-        boxes = (
-            np.concatenate([p.grid.boxes() for p in pieces])
-            if pieces
-            else np.zeros((0, 4), np.int64)
-        )  # (n, 4) level-0 (x, y, w, h) of the tissue tiles
-        negatives = boxes[_lesion_free(boxes, lesions), :2]
-        if not lesions and not len(negatives):
-            yield Progress(
-                "prepare", n + 1, len(entries), f"{split}: {entry.slide.name}: no tissue, skipped"
-            )
-            continue
-        out.append(
-            _CropSource(str(entry.slide), entry.label, level, tile_px, lesions, negatives, pieces)
-        )
-        yield Progress(
-            "prepare",
-            n + 1,
-            len(entries),
-            f"{split}: {entry.slide.name}: {len(lesions)} lesion(s), {len(negatives)} "
-            "lesion-free tissue tiles",
-        )
-    return out
-
-
-def _draw_crops(
-    sources: Sequence[_CropSource],
-    settings: SlidingWindowSettings,
-    rng: np.random.Generator,
-    lowest: int,
-    augment: bool,
-) -> list[_Crop]:
-    """One epoch's crops, shuffled: jittered crops around each lesion and negatives."""
-    crops = []
-    for s, src in enumerate(sources):
-        half = src.tile_px / 2
-        for (x, y, w, h), cls in src.lesions:
-            for _ in range(settings.crops_per_lesion):
-                cx, cy = x + rng.uniform(0, w), y + rng.uniform(0, h)
-                crops.append(_Crop(s, round(cx - half), round(cy - half), int(cls)))
-        n = min(settings.negatives_per_slide, len(src.negatives))
-        if n:
-            for i in rng.choice(len(src.negatives), n, replace=False):
-                x, y = src.negatives[i]
-                crops.append(_Crop(s, int(x), int(y), lowest))
-    ordered = [crops[i] for i in rng.permutation(len(crops))]
-    if not augment:
-        return ordered
-    turns = rng.integers(4, size=len(ordered))
-    flips = rng.integers(2, size=len(ordered))
-    return [
-        replace(c, rotations=int(t), flip=bool(f))
-        for c, t, f in zip(ordered, turns, flips, strict=True)
-    ]
-
-
-def _expected_counts(
-    sources: Sequence[_CropSource], settings: SlidingWindowSettings, n_classes: int, lowest: int
-) -> np.ndarray:
-    """(C,) crops per class in every epoch (the draw changes positions, not counts)."""
-    counts = np.zeros(n_classes)
-    for src in sources:
-        for _, cls in src.lesions:
-            counts[cls] += settings.crops_per_lesion
-        counts[lowest] += min(settings.negatives_per_slide, len(src.negatives))
-    return counts
-
-
-class _OpenSlides:
-    """The most recently used slides, open (one reading thread at a time)."""
-
-    def __init__(self, size: int = _OPEN_SLIDES):
-        self.size = size
-        self.slides: OrderedDict[str, Slide] = OrderedDict()
-
-    def get(self, path: str) -> Slide:
-        if path in self.slides:
-            self.slides.move_to_end(path)
-            return self.slides[path]
-        if len(self.slides) >= self.size:
-            _, old = self.slides.popitem(last=False)
-            old.close()
-        slide = self.slides[path] = open_slide(path)
-        return slide
-
-    def close(self) -> None:
-        while self.slides:
-            self.slides.popitem()[1].close()
-
-
-def _read_crops(
-    crops: Sequence[_Crop], sources: Sequence[_CropSource], slides: _OpenSlides
-) -> list[np.ndarray]:
-    out = []
-    for c in crops:
-        src = sources[c.source]
-        pixels = slides.get(src.slide).read_region(src.level, c.x, c.y, src.tile_px, src.tile_px)
-        pixels = np.rot90(pixels[..., :3], c.rotations)
-        out.append(pixels[:, ::-1] if c.flip else pixels)
-    return out
-
-
-def _batches(
-    crops: list[_Crop], sources: Sequence[_CropSource], batch_size: int
-) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-    """(tiles, labels) per batch; the next batch is read while the model works on this one.
-
-    A last batch of one crop joins the one before (batch-norm statistics need two).
-    """
-    bounds = [*range(0, len(crops), batch_size), len(crops)]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        del bounds[-2]
-    spans = list(itertools.pairwise(bounds))
-    slides = _OpenSlides()
-
-    def read(span: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
-        part = crops[span[0] : span[1]]
-        return _read_crops(part, sources, slides), np.array([c.label for c in part])
-
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="crops") as pool:
-            pending = pool.submit(read, spans[0]) if spans else None
-            for i in range(len(spans)):
-                batch = pending.result()
-                pending = pool.submit(read, spans[i + 1]) if i + 1 < len(spans) else None
-                yield batch
-    finally:
-        slides.close()
-
-
-def _prepared(model: CropClassifier, tiles: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """(N, 3, s, s) normalised input; crops of different sizes (slides of other pixel
-    sizes) are resized one by one."""
-    if len({t.shape for t in tiles}) == 1:
-        batch = torch.from_numpy(np.ascontiguousarray(np.stack(tiles)))  # (N, h, w, 3)
-        return model.prepare(batch.to(device))
-    return torch.cat(
-        [model.prepare(torch.from_numpy(np.ascontiguousarray(t))[None].to(device)) for t in tiles]
-    )
-
-
-def _sample_tiles(sources: Sequence[_CropSource], per_slide: int) -> Iterator[np.ndarray]:
-    """Up to ``per_slide`` tissue tiles of each slide, spread over its lesion-free tiles
-    (lesion boxes where it has none)."""
-    for src in sources:
-        if len(src.negatives):
-            n = min(per_slide, len(src.negatives))
-            picks = np.linspace(0, len(src.negatives) - 1, n).round().astype(np.int64)
-            corners = [tuple(src.negatives[i]) for i in picks]
-        else:
-            corners = [(x, y) for (x, y, _, _), _ in src.lesions[:per_slide]]
-        with open_slide(src.slide) as slide:
-            for x, y in corners:
-                pixels = slide.read_region(src.level, int(x), int(y), src.tile_px, src.tile_px)
-                yield pixels[..., :3]
-
-
 def _crop_metrics(
     model: CropClassifier,
-    crops: list[_Crop],
-    sources: Sequence[_CropSource],
+    crops: list[Crop],
+    sources: Sequence[CropSource],
     classes: tuple[str, ...],
     *,
     device: torch.device,
@@ -449,9 +221,9 @@ def _crop_metrics(
     autocast = Autocast(device, amp)
     truth, probs = [], []
     with torch.no_grad():
-        for tiles, labels in _batches(crops, sources, batch_size):
+        for tiles, labels in crop_batches(crops, sources, batch_size):
             with autocast():
-                logits = model.classify(_prepared(model, tiles, device))
+                logits = model.classify(prepared(model, tiles, device))
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
             truth.append(labels)
     return evaluate(np.concatenate(truth), probabilities=np.concatenate(probs), classes=classes)
@@ -493,7 +265,7 @@ def train_sliding_window(
     classes = cohort.classes
     config = settings.model_config(classes)
     risk = config.risk
-    _check_lesions(cohort, ("train", "val"), risk)
+    check_lesions(cohort, ("train", "val"), risk)
     record = {
         "model": config.kind,
         "settings": settings.to_dict(),
@@ -503,13 +275,13 @@ def train_sliding_window(
     run = RunDirectory(run_dir, record, resume=resume, need_last=True)
 
     device = resolve_device(settings.device)
-    amp = settings.amp if settings.amp is not None else device.type == "cuda"
+    amp = settings.amp if settings.amp is not None else default_amp(device)
     torch.manual_seed(settings.seed)
     lowest = risk[0]
 
-    train = yield from _prepare_sources(cohort, "train", settings, tissue)
-    val = yield from _prepare_sources(cohort, "val", settings, tissue)
-    counts = _expected_counts(train, settings, len(classes), lowest)
+    train = yield from prepare_sources(cohort, "train", settings, tissue)
+    val = yield from prepare_sources(cohort, "val", settings, tissue)
+    counts = expected_counts(train, settings, len(classes), lowest)
     present = np.nonzero(counts)[0]
     if counts.sum() < 2 or len(present) < 2:
         raise ValueError(
@@ -524,7 +296,7 @@ def train_sliding_window(
             model,
             settings,
             train,
-            _sample_tiles,
+            sample_tiles,
             device,
             calibrate=model.config.trainable_blocks < 5,
         )
@@ -534,7 +306,7 @@ def train_sliding_window(
     optimizer = adam(model, settings)
     yield from run.restore(model, optimizer, settings.epochs)
     # fixed validation crops (no augmentation), the same every epoch
-    val_crops = _draw_crops(
+    val_crops = draw_crops(
         val, settings, np.random.default_rng([settings.seed, 1_000_003]), lowest, False
     )
     autocast = Autocast(device, amp)
@@ -543,14 +315,14 @@ def train_sliding_window(
         epoch: int, rng: np.random.Generator, lr: float
     ) -> Generator[Progress, None, dict[str, Any]]:
         """One pass over freshly drawn crops, ``batch_size`` per optimiser step."""
-        crops = _draw_crops(train, settings, rng, lowest, settings.augment)
+        crops = draw_crops(train, settings, rng, lowest, settings.augment)
         steps = max(1, len(crops) // settings.batch_size + (len(crops) % settings.batch_size > 1))
         losses, sizes, correct = [], [], 0
         model.train()
-        for step, (tiles, labels) in enumerate(_batches(crops, train, settings.batch_size)):
+        for step, (tiles, labels) in enumerate(crop_batches(crops, train, settings.batch_size)):
             target = torch.from_numpy(labels).to(device)
             with autocast():
-                logits = model.classify(_prepared(model, tiles, device))
+                logits = model.classify(prepared(model, tiles, device))
             loss = F.cross_entropy(logits.float(), target, weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -603,7 +375,7 @@ def train_sliding_window(
 
 def _tune_best(
     best: Path,
-    val: Sequence[_CropSource],
+    val: Sequence[CropSource],
     settings: SlidingWindowSettings,
     device: torch.device,
     amp: bool,
@@ -624,7 +396,7 @@ def _tune_best(
     tiles, labels = [], []
     for i, src in enumerate(slides):
         result = run_to_end(
-            predict_slide_sliding_window(
+            predict_sliding_window(
                 model,
                 src.slide,
                 device=device,
@@ -635,7 +407,7 @@ def _tune_best(
                 pieces=src.pieces,
             )
         )
-        tiles.append(_tissue_tile_probabilities(result))
+        tiles.append(tile_probabilities(result))
         labels.append(src.label)
         yield Progress(
             "tune",
@@ -672,15 +444,6 @@ def _tune_best(
         {"rule": rule.to_dict()},
     )
     yield Progress("checkpoint", 1, 1, f"{best}: tuned thresholds saved", {"path": str(best)})
-
-
-def _tissue_tile_probabilities(result: SlideResult) -> np.ndarray:
-    """(N, C) probabilities of a result's tissue tiles, piece by piece, row-major."""
-    parts = [
-        piece.arrays["tile_probabilities"][:, piece.tissue].T  # (n, C)
-        for piece in result.pieces
-    ]
-    return np.concatenate(parts) if parts else np.zeros((0, len(result.classes)), np.float32)
 
 
 def tune_thresholds(
@@ -775,143 +538,3 @@ def tune_thresholds(
         thresholds[k], min_counts[k] = float(grid_t[t]), int(m)
     return TunedRule(tuple(thresholds), tuple(min_counts), best_metrics, tried, search)
 
-
-def predict_slide_sliding_window(
-    model: CropClassifier | str | os.PathLike,
-    slide: Slide | str | os.PathLike,
-    *,
-    device: str | torch.device | None = "auto",
-    chunk_tiles: int = 64,
-    tissue: TissueParams | None = None,
-    min_tissue: float = 0.5,
-    amp: bool | None = None,
-    mpp: float | None = None,
-    pieces: Sequence[PieceSample] | None = None,
-    aggregation: str = "thresholds",
-    top_k: int = 15,
-    on_tiles: Callable[[int], Any] | None = None,
-) -> Generator[Progress, None, SlideResult]:
-    """Run the sliding-window baseline on a slide, piece by piece.
-
-    Every tissue tile of each piece (on the slide-wide tile grid, as the grid-attention
-    model's) is classified; ``aggregate_tiles`` with the model's thresholds turns a
-    piece's tiles into the piece's call, and all tiles of the slide into the slide's.
-
-    Args:
-        model: a ``CropClassifier`` (or a checkpoint path to load one from).
-        slide: an opened slide or its path.
-        device: "auto", "cpu", "cuda", ...
-        chunk_tiles: tiles per forward pass.
-        tissue: tissue detection settings.
-        min_tissue: tissue fraction a tile needs to be classified.
-        amp: autocast (fp16/bf16 on CUDA, bf16 on CPU); None = where it is native.
-        mpp: pixel size override for slides without one.
-        pieces: the samples to run (default: all tissue pieces of the slide).
-        aggregation: "thresholds" (the rule tuned on the validation split, Tomita et
-            al.'s baseline) or "top-k-mean" (Raza et al.'s baseline: per class the mean of
-            the ``top_k`` highest tile probabilities, renormalised; the class with the
-            highest).
-        top_k: tiles per class for "top-k-mean" (the paper: 15).
-        on_tiles: as ``predict_slide``'s (progress inside a piece; raise to stop).
-
-    Yields:
-        Progress events: "tissue", then one "piece" per piece (data: "piece" holds the
-        PieceResult, whose ``arrays["tile_probabilities"]`` is (C, H', W') float32, NaN
-        off tissue, and whose ``info["call"]`` is the rule's class index).
-
-    Returns:
-        The slide's result (aggregation "thresholds" or "top-15-mean").
-    """
-    if aggregation not in SLIDE_AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {SLIDE_AGGREGATIONS}, got {aggregation!r}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    run = load_for_inference(
-        model,
-        device,
-        amp,
-        CropClassifier,
-        "predict_slide_sliding_window runs sliding-window models",
-    )
-    model, config = run.model, run.model.config
-    n_classes = len(config.classes)
-    every_tile: list[np.ndarray] = []
-
-    def run_piece(
-        sample: PieceSample,
-        chunks: Callable[[], Iterator[torch.Tensor]],
-        cells: torch.Tensor,
-        shape: tuple[int, int],
-    ) -> tuple[dict[str, Any], int]:
-        """A piece's tile probabilities and the rule's call on them."""
-        probs = model.predict_chunks(chunks(), device=run.device, amp=run.amp).numpy()  # (N, C)
-        grid = np.full((n_classes, shape[0] * shape[1]), np.nan, dtype=np.float32)
-        grid[:, cells.numpy()] = probs.T
-        grid = grid.reshape(n_classes, *shape)  # (C, H', W')
-        piece_probs, call = aggregate_tiles(
-            probs, config.thresholds, config.min_counts, config.risk
-        )
-        every_tile.append(probs)
-        fields = {
-            "probabilities": piece_probs,
-            "arrays": {"tile_probabilities": grid},
-            "info": {"call": int(call), "tiles_over_threshold": _over_threshold(probs, config)},
-        }
-        return fields, call
-
-    def finish(results: list[PieceResult]) -> tuple[np.ndarray, int, str, dict[str, Any]]:
-        """The rule on all the slide's tiles."""
-        tiles = np.concatenate(every_tile)  # (N, C) over the whole slide
-        info = {"tiles_over_threshold": _over_threshold(tiles, config)}
-        if aggregation == "top-k-mean":
-            probabilities, predicted = top_k_mean(tiles, top_k)
-            return probabilities, predicted, f"top-{top_k}-mean", info
-        probabilities, predicted = aggregate_tiles(
-            tiles, config.thresholds, config.min_counts, config.risk
-        )
-        return probabilities, predicted, "thresholds", info
-
-    return (
-        yield from predict_pieces(
-            run,
-            slide,
-            config.crop_um,
-            run_piece,
-            finish,
-            chunk_tiles=chunk_tiles,
-            tissue=tissue,
-            min_tissue=min_tissue,
-            mpp=mpp,
-            pieces=pieces,
-            on_tiles=on_tiles,
-        )
-    )
-
-
-SLIDE_AGGREGATIONS = ("thresholds", "top-k-mean")
-
-
-def top_k_mean(tile_probabilities: np.ndarray, k: int = 15) -> tuple[np.ndarray, int]:
-    """Raza et al.'s sliding-window slide score: per class the mean of its ``k`` highest
-    tile probabilities (all tiles when fewer), renormalised to sum to 1; the slide's class
-    is the highest.
-
-    Args:
-        tile_probabilities: (N, C) tile class probabilities.
-        k: tiles per class.
-    """
-    probs = np.asarray(tile_probabilities, dtype=np.float64)
-    if probs.ndim != 2 or not len(probs):
-        raise ValueError(f"need (N, C) tile probabilities with N >= 1, got shape {probs.shape}")
-    top = -np.sort(-probs, axis=0)[: min(k, len(probs))]  # (k, C), highest first per class
-    score = top.mean(0)
-    score = score / score.sum()
-    return score.astype(np.float32), int(score.argmax())
-
-
-def _over_threshold(probs: np.ndarray, config: SlidingWindowConfig) -> dict[str, int]:
-    """Per class above the lowest risk: tiles with p_k at or above its threshold."""
-    return {
-        config.classes[k]: int(np.count_nonzero(probs[:, k] >= config.thresholds[k]))
-        for k in config.risk[1:]
-    }

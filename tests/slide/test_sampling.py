@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from napari_slide_attention.slide.reader import open_slide
-from napari_slide_attention.train.data import (
+from napari_slide_attention.slide.sampling import (
     Augmentation,
     piece_label,
+    piece_tiles,
     read_level_for,
     slide_pieces,
-    tile_chunks,
     tile_edge_px,
     tissue_statistics,
 )
@@ -59,23 +58,25 @@ def test_read_level_is_the_coarsest_that_does_not_upsample(tiny_cohort):
         assert coarsest >= 1 and read_level_for(slide, 512, 64) == coarsest
 
 
-def test_chunks_give_the_grid_tiles_in_order_and_repeat_identically(tiny_cohort):
+def test_piece_tiles_give_the_grid_tiles_in_order_and_repeat_identically(tiny_cohort):
     entry = tiny_cohort.entries[0]
     with open_slide(entry.slide) as slide:
         sample = slide_pieces(slide, 128)[0]
-        chunks, cells, shape = tile_chunks(slide, sample, 1, chunk_tiles=7)
-        first = torch.cat(list(chunks()))
-        again = torch.cat(list(chunks()))
-        assert torch.equal(first, again)
-        assert first.shape == (sample.n_tiles, 64, 64, 3) and first.dtype == torch.uint8
-        sizes = [c.shape[0] for c in chunks()]
-        assert max(sizes) <= 7 and max(sizes) - min(sizes) <= 1  # balanced, no tiny tail
-        assert torch.equal(cells, sample.cells) and shape == sample.grid_shape
+        tiles = piece_tiles(slide, sample, 1, chunk_tiles=7)
+        first = np.concatenate([b.copy() for b in tiles])
+        again = np.concatenate([b.copy() for b in tiles])
+        np.testing.assert_array_equal(first, again)
+        assert first.shape == (sample.n_tiles, 64, 64, 3) and first.dtype == np.uint8
+        sizes = [len(b) for b in tiles]
+        assert max(sizes) <= 7 and len(sizes) == -(-sample.n_tiles // 7)
+        assert min(sizes) >= max(sizes) - len(sizes)  # balanced: no tiny last batch
+        np.testing.assert_array_equal(tiles.cells, sample.cells)
+        assert tiles.shape == sample.grid_shape and len(tiles) == sample.n_tiles
         # each tile is read_region of its box at level 1
         boxes = sample.grid.boxes()
         for k in (0, len(boxes) // 2, len(boxes) - 1):
             x, y, w, h = (int(v) for v in boxes[k])
-            np.testing.assert_array_equal(first[k].numpy(), slide.read_region(1, x, y, w, h))
+            np.testing.assert_array_equal(first[k], slide.read_region(1, x, y, w, h))
 
 
 @pytest.mark.parametrize("rotations", [1, 2, 3])
@@ -84,11 +85,13 @@ def test_rotated_grid_is_the_grid_of_the_rotated_piece(tiny_cohort, rotations, f
     entry = tiny_cohort.entries[1]
     with open_slide(entry.slide) as slide:
         sample = slide_pieces(slide, 128)[0]
-        plain_chunks, cells, shape = tile_chunks(slide, sample, 1)
-        plain = torch.cat(list(plain_chunks())).numpy()
+        plain_tiles = piece_tiles(slide, sample, 1)
+        plain = np.concatenate([b.copy() for b in plain_tiles])
+        cells, shape = plain_tiles.cells, plain_tiles.shape
         aug = Augmentation(1.0, rotations, flip)
-        rot_chunks, rot_cells, rot_shape = tile_chunks(slide, sample, 1, augmentation=aug)
-        rotated = torch.cat(list(rot_chunks())).numpy()
+        rot_tiles = piece_tiles(slide, sample, 1, augmentation=aug)
+        rotated = np.concatenate([b.copy() for b in rot_tiles])
+        rot_cells, rot_shape = rot_tiles.cells, rot_tiles.shape
 
     def mosaic(tiles, cells, shape):
         h, w = shape
@@ -109,8 +112,7 @@ def test_scale_augmentation_lays_the_grid_with_a_scaled_tile(tiny_cohort):
         sample = slide_pieces(slide, 128)[0]
         bigger = sample.augmented(Augmentation(1.2), 0.5)
         assert bigger.grid.tile_size == 154 and bigger.n_tiles < sample.n_tiles
-        chunks, _, _ = tile_chunks(slide, bigger, 1)
-        assert next(iter(chunks())).shape[1:3] == (77, 77)
+        assert next(iter(piece_tiles(slide, bigger, 1))).shape[1:3] == (77, 77)
     draws = {Augmentation.draw(np.random.default_rng(s)) for s in range(50)}
     assert all(0.8 <= d.scale <= 1.2 for d in draws)
     assert {d.rotations for d in draws} == {0, 1, 2, 3} and {d.flip for d in draws} == {0, 1}

@@ -1,11 +1,11 @@
-"""Tissue pieces as samples: their tile grids, labels, augmentation and tile chunks.
+"""Tissue pieces as samples: their tile grids, labels, augmentation and tile reads.
 
 The grid-attention paper cuts each slide into its tissue pieces and trains on the
 pieces; a piece takes the highest-risk class of the lesions inside it. Here a piece is
 a ``PieceSample``: its level-0 box, its tile grid on the slide-wide lattice (so the maps
 of all pieces line up on one slide-wide grid), its label, and the means to read its
 tiles in chunks, in grid order, at the pyramid level closest to the model's input
-resolution.
+resolution, through the one fast tile reader (``TileStream``).
 
 Augmentation (the paper: random rotation and random scaling 0.8-1.2, on the fly):
 scaling changes the tile edge read from the slide (the grid is laid again with the
@@ -13,36 +13,39 @@ scaled tile, so the tissue content of a tile scales, not its resolution); rotati
 by multiples of 90 degrees with an optional flip, applied to the grid and to every tile
 alike, so a rotated grid is exactly the grid of the rotated piece. Arbitrary angles
 would mix the contents of neighbouring tiles, which a tile grid cannot express.
+
+Everything here is numpy: tiles come out as uint8 arrays and the models' layers turn
+them into tensors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+from skimage.transform import resize
 
-from ..slide.reader import Slide
-from ..slide.tissue import TileGrid, TissueMask, TissueParams, tile_grid, tissue_mask, tissue_pieces
+from .boxes import Box, box_cells, overlap_area
+from .reader import Slide
+from .stream import TileStream
+from .tissue import TileGrid, TissueMask, TissueParams, tile_grid, tissue_mask, tissue_pieces
 
 __all__ = [
     "Augmentation",
     "PieceSample",
+    "PieceTiles",
     "SlideView",
-    "box_cells",
     "piece_label",
+    "piece_tiles",
     "read_level_for",
     "read_tiles",
     "read_view",
     "slide_pieces",
-    "tile_chunks",
+    "tile_edge_px",
     "tissue_statistics",
 ]
-
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,10 @@ class PieceSample:
     mask: TissueMask | None = field(default=None, repr=False)
 
     @property
-    def cells(self) -> torch.Tensor:
-        """(N,) flat grid positions (row * W' + column) of the tissue tiles, row-major."""
+    def cells(self) -> np.ndarray:
+        """(N,) int64 flat grid positions (row * W' + column) of the tissue tiles, row-major."""
         rows, cols = np.nonzero(self.grid.in_tissue)
-        return torch.from_numpy((rows * self.grid.shape[1] + cols).astype(np.int64))
+        return (rows * self.grid.shape[1] + cols).astype(np.int64)
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -111,7 +114,7 @@ class PieceSample:
 
     def augmented(self, augmentation: Augmentation, min_tissue: float) -> PieceSample:
         """The same piece with its grid laid again for a scaled tile edge (no rotation here;
-        ``tile_chunks`` rotates)."""
+        ``piece_tiles`` rotates)."""
         if augmentation.scale == 1.0 or self.mask is None:
             return self
         tile = max(8, round(self.grid.tile_size * augmentation.scale))
@@ -136,20 +139,6 @@ class PieceSample:
         )
 
 
-def box_cells(
-    boxes: Sequence[Box], origin: tuple[int, int], tile_size: int, shape: tuple[int, int]
-) -> np.ndarray:
-    """(H', W') bool: the cells of a grid (level-0 origin, tile edge) that overlap any box."""
-    out = np.zeros(tuple(shape), dtype=bool)
-    x0, y0 = origin
-    t = tile_size
-    for x, y, w, h in boxes:
-        c0, c1 = math.floor((x - x0) / t), math.ceil((x + w - x0) / t)
-        r0, r1 = math.floor((y - y0) / t), math.ceil((y + h - y0) / t)
-        out[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = True
-    return out
-
-
 def piece_label(
     box: Box, lesions: Sequence[tuple[Box, int]], default: int, risk: Sequence[int]
 ) -> int:
@@ -162,14 +151,8 @@ def piece_label(
         risk: class indices from lowest to highest risk.
     """
     rank = {c: i for i, c in enumerate(risk)}
-    found = [cls for lbox, cls in lesions if _overlap(box, lbox) > 0]
+    found = [cls for lbox, cls in lesions if overlap_area(box, lbox) > 0]
     return max(found, key=lambda c: rank[c]) if found else default
-
-
-def _overlap(a: Box, b: Box) -> int:
-    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    return max(w, 0) * max(h, 0)
 
 
 def tile_edge_px(slide: Slide, tile_um: float) -> int:
@@ -228,7 +211,7 @@ def slide_pieces(
         grid = tile_grid(mask, tile_px, min_tissue, box=piece.box)
         if len(grid) == 0:
             continue
-        inside = [(b, c) for b, c in lesions if _overlap(piece.box, b) > 0]
+        inside = [(b, c) for b, c in lesions if overlap_area(piece.box, b) > 0]
         if lesions or (label >= 0 and risk and label == risk[0]):
             piece_cls = piece_label(piece.box, inside, risk[0] if risk else 0, risk or [label])
         else:
@@ -262,112 +245,89 @@ def _rotate_grid(
     return flat[cells], cells, tuple(int(v) for v in index.shape)
 
 
-def tile_chunks(
+@dataclass(frozen=True)
+class PieceTiles:
+    """A piece's tissue tiles in (rotated) grid order, in batches; iterate as often as
+    needed (each pass reads the same tiles in the same order, as the two-pass training
+    step needs).
+
+    Attributes:
+        stream: the ``TileStream`` over the piece's tiles, row-major (before rotation).
+        cells: (N,) int64 flat positions of the tiles in the (rotated) grid.
+        shape: (H', W') of the (rotated) grid.
+        augmentation: the rotation and flip applied to the grid and every tile.
+    """
+
+    stream: TileStream
+    cells: np.ndarray
+    shape: tuple[int, int]
+    augmentation: Augmentation
+    order: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        """Number of tiles."""
+        return len(self.cells)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """(n, h, w, C) uint8 batches of tiles at the read level, in ``cells`` order."""
+        aug = self.augmentation
+        if aug.rotations % 4 == 0 and not aug.flip:
+            for batch in self.stream:
+                yield batch.pixels
+            return
+        # a rotated grid reorders the tiles: collect them all (the piece at the read
+        # level), then hand them out in the new order, each tile turned as the grid
+        everything = np.concatenate([b.pixels for b in self.stream])
+        size = self.stream.batch_size
+        for start in range(0, len(self.order), size):
+            tiles = np.rot90(everything[self.order[start : start + size]], aug.rotations, (1, 2))
+            yield np.ascontiguousarray(tiles[:, :, ::-1] if aug.flip else tiles)
+
+
+def piece_tiles(
     slide: Slide,
     sample: PieceSample,
     level: int,
     *,
     chunk_tiles: int = 64,
     augmentation: Augmentation | None = None,
-    prefetch: int = 1,
-) -> tuple[Callable[[], Iterator[torch.Tensor]], torch.Tensor, tuple[int, int]]:
-    """A re-callable source of a piece's tiles in grid order, and the grid it fills.
+    workers: int | None = None,
+    prefetch: int = 2,
+) -> PieceTiles:
+    """A piece's tiles, read at ``level`` by ``TileStream`` (stored tiles decoded once on
+    a thread pool, ahead of the consumer), rotated and flipped as ``augmentation`` says.
 
-    Tiles are read at ``level`` in bands of grid rows with ``Slide.read_region`` on a
-    background thread (so reading overlaps the model), cut, rotated and flipped as the
-    augmentation says, and yielded as (n, h, w, 3) uint8 tensors of up to
-    ``chunk_tiles`` tiles. Every call reads the same tiles in the same order, as the
-    two-pass training step needs.
+    Batches hold at most ``chunk_tiles`` tiles and nearly equal numbers of them: no tiny
+    last batch, whose batch statistics would be poor (or undefined for one tile).
 
-    Returns:
-        chunks: call it to iterate over the chunks;
-        cells: (N,) flat positions of the tiles in the (rotated) grid;
-        grid_shape: (H', W') of the (rotated) grid.
+    Args:
+        slide: the opened slide.
+        sample: the piece.
+        level: the pyramid level to read at.
+        chunk_tiles: most tiles per batch.
+        augmentation: quarter turns and flip of the grid and its tiles.
+        workers: decoding threads (None: the cores this process may use).
+        prefetch: batches decoded ahead of the consumer.
     """
     augmentation = augmentation or Augmentation()
     grid = sample.grid
-    in_tissue = grid.in_tissue
-    order, cells, shape = _rotate_grid(in_tissue, augmentation)
-    tile = grid.tile_size
-    down = slide.level_info[level].downsample
-    size = max(1, round(tile / down))  # tile edge at the level
-    rows = np.nonzero(in_tissue.any(axis=1))[0]
-    # a band: this many grid rows per read (about 8 MB of pixels at the level)
-    width_px = max(1, round(grid.shape[1] * tile / down))
-    band_rows = max(1, min(len(rows), (8 << 20) // max(1, width_px * size * 3)))
-    identity_order = augmentation.rotations % 4 == 0 and not augmentation.flip
-
-    def read_band(r0: int, r1: int) -> list[np.ndarray]:
-        x0, y0 = grid.origin
-        band = slide.read_region(level, x0, y0 + r0 * tile, grid.shape[1] * tile, (r1 - r0) * tile)
-        tiles = []
-        for r in range(r0, r1):
-            y = round((r - r0) * tile / down)
-            for c in np.nonzero(in_tissue[r])[0]:
-                x = round(c * tile / down)
-                piece = band[y : y + size, x : x + size]
-                if piece.shape[:2] != (size, size):  # rounding at the band's edge
-                    piece = np.pad(
-                        piece,
-                        ((0, size - piece.shape[0]), (0, size - piece.shape[1]), (0, 0)),
-                        mode="edge",
-                    )
-                tiles.append(piece)
-        return tiles
-
-    def oriented(t: np.ndarray) -> np.ndarray:
-        t = np.rot90(t, augmentation.rotations)
-        return t[:, ::-1] if augmentation.flip else t
-
-    # consecutive bands of grid rows covering the rows that hold tissue tiles
-    first, last = int(rows[0]), int(rows[-1]) + 1
-    bands = [(r, min(r + band_rows, last)) for r in range(first, last, band_rows)]
-
-    def chunks() -> Iterator[torch.Tensor]:
-        if identity_order:
-            yield from _chunked(_stream_bands(read_band, bands, prefetch), chunk_tiles, len(order))
-        else:
-            # a rotated grid reorders the tiles: collect them all (N tiles at the level,
-            # the read size of the piece), then emit in the new order
-            everything = list(_stream_bands(read_band, bands, prefetch))
-            yield from _chunked((oriented(everything[i]) for i in order), chunk_tiles, len(order))
-
-    return chunks, torch.from_numpy(cells), shape
-
-
-def _stream_bands(
-    read_band: Callable[[int, int], list[np.ndarray]], bands: list[tuple[int, int]], prefetch: int
-) -> Iterator[np.ndarray]:
-    if prefetch <= 0 or len(bands) <= 1:
-        for r0, r1 in bands:
-            yield from read_band(r0, r1)
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="piece-bands") as pool:
-        pending = [pool.submit(read_band, *bands[i]) for i in range(min(prefetch + 1, len(bands)))]
-        next_band = len(pending)
-        while pending:
-            tiles = pending.pop(0).result()
-            if next_band < len(bands):
-                pending.append(pool.submit(read_band, *bands[next_band]))
-                next_band += 1
-            yield from tiles
-
-
-def _chunked(tiles: Iterator[np.ndarray], n: int, total: int) -> Iterator[torch.Tensor]:
-    """Stack tiles into ``ceil(total / n)`` chunks of nearly equal size (at most ``n``):
-    no tiny last chunk, whose batch statistics would be poor (or undefined for one tile)."""
-    count = max(1, math.ceil(total / n))
-    sizes = [total // count + (i < total % count) for i in range(count)]
-    batch: list[np.ndarray] = []
-    k = 0
-    for t in tiles:
-        batch.append(t)
-        if len(batch) == sizes[k]:
-            yield torch.from_numpy(np.ascontiguousarray(np.stack(batch)))
-            batch = []
-            k = min(k + 1, count - 1)
-    if batch:
-        yield torch.from_numpy(np.ascontiguousarray(np.stack(batch)))
+    order, cells, shape = _rotate_grid(grid.in_tissue, augmentation)
+    rows, cols = np.nonzero(grid.in_tissue)
+    x0, y0 = grid.origin
+    t = grid.tile_size
+    boxes = np.stack(
+        [x0 + cols * t, y0 + rows * t, np.full(len(rows), t), np.full(len(rows), t)], 1
+    ).astype(np.int64)
+    batches = max(1, math.ceil(len(boxes) / max(1, chunk_tiles)))
+    stream = TileStream(
+        slide,
+        level,
+        boxes,
+        batch_size=max(1, math.ceil(len(boxes) / batches)),
+        workers=workers,
+        prefetch=prefetch,
+    )
+    return PieceTiles(stream, cells, shape, augmentation, order)
 
 
 def tissue_statistics(
@@ -468,20 +428,21 @@ def read_tiles(slide: Slide, boxes: np.ndarray, size: int) -> np.ndarray:
     if not len(boxes):
         return out
     level = read_level_for(slide, int(boxes[0, 2]), size)
-    for i, (x, y, w, h) in enumerate(boxes.tolist()):
-        pixels = slide.read_region(level, x, y, w, h)
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[..., None], 3, axis=2)
-        out[i] = _resize_uint8(pixels[..., :3], (size, size))
+    with TileStream(slide, level, boxes, batch_size=min(len(boxes), 16)) as stream:
+        for batch in stream:
+            for i, pixels in zip(batch.indices, batch.pixels, strict=True):
+                if pixels.ndim == 2:
+                    pixels = np.repeat(pixels[..., None], 3, axis=2)
+                out[i] = _resize_uint8(pixels[..., :3], (size, size))
     return out
 
 
 def _resize_uint8(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) uint8 resized to ``shape`` with antialiasing (area-like when shrinking)."""
+    """(h, w, 3) uint8 resized to ``shape``: bilinear, with a Gaussian prefilter when
+    shrinking (scikit-image's antialiasing)."""
     if pixels.shape[:2] == tuple(shape):
         return np.ascontiguousarray(pixels)
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float()
-    t = torch.nn.functional.interpolate(
-        t, size=shape, mode="bilinear", antialias=True, align_corners=False
+    out = resize(
+        pixels, (*shape, pixels.shape[2]), order=1, anti_aliasing=True, preserve_range=True
     )
-    return t[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
