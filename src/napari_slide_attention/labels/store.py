@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .train.cohort import Box, Cohort
+from ..train.cohort import Box, Cohort
 
 __all__ = [
     "REGION_KINDS",
