@@ -22,10 +22,9 @@ from napari_slide_attention.labels import (
     LabelStoreError,
     Region,
     RegionNotFoundError,
-    apply_labels,
-    apply_labels_with_summary,
     slide_key,
 )
+from napari_slide_attention.train.labels import apply_labels, apply_labels_with_summary
 
 SQUARE = [(10.0, 20.0), (110.0, 20.0), (110.0, 70.5), (10.0, 70.5)]
 TRIANGLE = [(0.0, 0.0), (40.5, 0.0), (20.0, 30.25)]
@@ -448,6 +447,7 @@ def test_apply_labels_replaces_labels_and_lesions_of_the_labelled_slides(tiny_co
         store.add_region(annotated.slide, SQUARE, classes[-1], kind="rectangle")
         store.add_region(annotated.slide, TRIANGLE, "artefact")  # not a class: ignored
         store.add_region(tmp_path / "elsewhere.tif", TRIANGLE, classes[0])
+        store.set_note(tmp_path / "noted.tif", "a note is not a label")  # not counted
         cohort, applied = apply_labels_with_summary(tiny_cohort, store)
         assert apply_labels(tiny_cohort, store) == cohort
     assert cohort is not tiny_cohort
@@ -460,6 +460,10 @@ def test_apply_labels_replaces_labels_and_lesions_of_the_labelled_slides(tiny_co
     assert tiny_cohort.entries[1].lesions == annotated.lesions  # the input is unchanged
     assert (applied.slide_labels, applied.changed, applied.regions) == (1, 1, 1)
     assert (applied.ignored_regions, applied.not_in_cohort) == (1, 1)
+    assert applied.summary() == (
+        "1 slide label(s) (1 differ from the cohort's), 1 region(s) on 1 slide(s); "
+        "1 region(s) of other classes ignored; 1 labelled slide(s) are not in the cohort"
+    )
 
     with LabelStore(tmp_path / "bad.labels.sqlite") as store:
         store.set_slide_label(relabelled.slide, "banana")

@@ -1,23 +1,26 @@
-"""The label store of a cohort: slide labels, region labels and notes, with their history."""
+"""The label store of a cohort: slide labels, region labels and notes, with their history.
+
+``LabelStore`` (``store.py``) keeps them in one SQLite file (``schema.py``) as the records
+of ``records.py``; ``exchange.py`` reads and writes QuPath GeoJSON and CSV. Applying the
+labels to a training cohort is ``train.labels.apply_labels``: this package never imports
+training code.
+"""
 
 from __future__ import annotations
 
-from .store import (
+from .records import (
     REGION_KINDS,
-    SCHEMA_VERSION,
     STATUSES,
     UNCLASSIFIED,
     Change,
-    LabelsApplied,
-    LabelStore,
     LabelStoreError,
     Region,
     RegionNotFoundError,
     SlideLabel,
-    apply_labels,
-    apply_labels_with_summary,
     slide_key,
 )
+from .schema import SCHEMA_VERSION
+from .store import LabelStore
 
 __all__ = [
     "REGION_KINDS",
@@ -27,11 +30,8 @@ __all__ = [
     "Change",
     "LabelStore",
     "LabelStoreError",
-    "LabelsApplied",
     "Region",
     "RegionNotFoundError",
     "SlideLabel",
-    "apply_labels",
-    "apply_labels_with_summary",
     "slide_key",
 ]
