@@ -277,7 +277,7 @@ def test_cli_labels_errors_are_one_line(tmp_path, capsys):
 def test_event_data_is_reduced_to_json_values():
     import torch
 
-    from napari_slide_attention.cli import _json_safe
+    from napari_slide_attention.cli.driver import json_safe
 
     data = {
         "loss": np.float32(0.5),
@@ -289,7 +289,7 @@ def test_event_data_is_reduced_to_json_values():
         "row": {"f1": [np.float64(0.25), torch.zeros(1), "x"], 4: None},
         "result": object(),
     }
-    assert _json_safe(data) == {
+    assert json_safe(data) == {
         "loss": 0.5,
         "n": 3,
         "ok": True,
@@ -401,3 +401,162 @@ def test_cli_train_stops_cleanly_on_sigint(tiny_cohort, tmp_path):
     assert checkpoint.kind == "grid-attention" and not model.training
     assert checkpoint.extra["epoch"] + 1 == stopped["data"]["epochs_done"]
     assert "Traceback" not in stderr
+
+
+# -- cross-validation and the HER2 contest -------------------------------------------------
+def _two_class_cohort(tiny_cohort, path: Path) -> Path:
+    """The tiny cohort's lowest and highest class: three slides (three cases) of each."""
+    from dataclasses import replace
+
+    from napari_slide_attention.train.cohort import Cohort, write_cohort
+
+    names = (tiny_cohort.classes[0], tiny_cohort.classes[-1])
+    entries = [
+        replace(e, label=names.index(tiny_cohort.classes[e.label]), lesions=None)
+        for e in tiny_cohort.entries
+        if tiny_cohort.classes[e.label] in names
+    ]
+    return write_cohort(path, Cohort(names, entries))
+
+
+def test_cli_train_and_evaluate_folds(tiny_cohort, tmp_path, capsys):
+    import shutil
+
+    from napari_slide_attention.train.cohort import read_cohort
+    from napari_slide_attention.train.crossval import summarise_folds
+
+    cohort_csv = _two_class_cohort(tiny_cohort, tmp_path / "two.csv")
+    cohort = read_cohort(cohort_csv)
+    run = tmp_path / "run"
+    train = ["train", "grid", "--cohort", str(cohort_csv), "--out", str(run), "--folds", "2"]
+    assert main([*train, "--val-fraction", "0", "--epochs", "1", "--quiet", *TINY_TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1: best:" in out and "fold 2: best:" in out
+    assert f"evaluate --folds 2 --cohort {cohort_csv} --model {run}" in out
+    tested = []
+    for fold in (1, 2):
+        fold_cohort = read_cohort(run / f"fold-{fold}" / "cohort.csv", cohort.classes)
+        assert not fold_cohort.split("val")  # --val-fraction 0
+        tested += [e.slide for e in fold_cohort.split("test")]
+        assert (run / f"fold-{fold}" / "best.safetensors").is_file()
+    assert sorted(tested) == sorted(e.slide for e in cohort.entries)  # each slide once
+
+    evaluate = ["evaluate", "--cohort", str(cohort_csv), "--model", str(run), "--folds", "2"]
+    assert main([*evaluate, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Method"))
+    assert "F1 (mean ± std)" in lines[header] and "AUROC (mean ± std)" in lines[header]
+    assert lines[header + 2].startswith("grid-attention (run)") and "±" in lines[header + 2]
+    assert "2-fold cross-validation" in captured.out and "per fold" in captured.out
+    assert captured.err.count("fold 1/2: [") == 3 and captured.err.count("fold 2/2: [") == 3
+
+    assert main([*evaluate, "--device", "cpu", "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["folds"] == 2 and report["slides"] == 6
+    ((name, method),) = report["models"].items()
+    assert name == "grid-attention (run)" and len(method["folds"]) == 2
+    rows = [f["slides"] for f in method["folds"]]
+    assert sorted(r["slide"] for fold in rows for r in fold) == sorted(map(str, tested))
+    expected = summarise_folds(
+        [[r["truth"] for r in fold] for fold in rows],
+        [[r["predicted"] for r in fold] for fold in rows],
+        None,
+        cohort.classes,
+    )
+    assert [f["f1"] for f in method["folds"]] == pytest.approx(expected.f1.values)
+    assert method["f1"]["mean"] == pytest.approx(expected.f1.mean)
+    assert method["f1"]["std"] == pytest.approx(expected.f1.std)
+
+    # a run of other folds, or the wrong K, is refused before any model runs
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    first, second = other / "fold-1" / "cohort.csv", other / "fold-2" / "cohort.csv"
+    text = first.read_text()
+    first.write_text(second.read_text())
+    second.write_text(text)
+    assert main([*evaluate, "--model", str(other), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "its folds differ" in err and len(err.strip().splitlines()) == 1
+    assert main([*evaluate[:-1], "3", "--device", "cpu"]) == 1
+    assert "not a run of `train --folds 3`" in capsys.readouterr().err
+
+
+HER2 = ("0", "1+", "2+", "3+")
+# Made up for the test (15 points minus 5 per score of distance): NOT the contest's table.
+ILLUSTRATIVE_POINTS = {
+    "name": "illustrative",
+    "source": "made up for the tests; not the contest's table",
+    "points": [[15 - 5 * abs(t - p) for p in range(4)] for t in range(4)],
+}
+
+
+def test_cli_evaluate_her2_points(tiny_cohort, tiny_grid_model, tmp_path, capsys):
+    from napari_slide_attention.models.checkpoint import read_checkpoint, save_checkpoint
+    from napari_slide_attention.train.cohort import Cohort, write_cohort
+    from napari_slide_attention.train.her2_contest import load_points_table, score_contest
+
+    # the tiny cohort and model with their four classes named as HER2 scores
+    cohort_csv = write_cohort(tmp_path / "her2.csv", Cohort(HER2, tiny_cohort.entries))
+    base = read_checkpoint(tiny_grid_model)
+    model = save_checkpoint(
+        tmp_path / "her2-run" / "best.safetensors",
+        base.kind,
+        {**base.config, "classes": list(HER2)},
+        base.tensors,
+        base.extra,
+    )
+    points, weights = tmp_path / "points.json", tmp_path / "weights.json"
+    points.write_text(json.dumps(ILLUSTRATIVE_POINTS))
+    weights.write_text(
+        json.dumps({"source": "right predictions only", "points": np.eye(4).tolist()})
+    )
+    argv = ["evaluate", "--model", str(model), "--cohort", str(cohort_csv), "--device", "cpu"]
+    argv += ["--quiet", "--her2-points", str(points)]
+
+    assert main([*argv, "--her2-weights", str(weights), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ((name, evaluated),) = report["models"].items()
+    slides = evaluated["slides"]
+    assert set(slides[0]) == {"slide", "truth", "predicted", "confidence"}
+    expected = score_contest(
+        [r["truth"] for r in slides],
+        [r["predicted"] for r in slides],
+        [r["confidence"] for r in slides],
+        points=load_points_table(points),
+        weights=load_points_table(weights),
+    )
+    scored = report["her2"]["models"][name]
+    assert scored["n"] == 4 and scored["points"] == expected.total_points
+    assert scored["combined"] == pytest.approx(expected.total_combined)
+    assert scored["weighted_confidence"] == pytest.approx(expected.total_weighted_confidence)
+    right = [r["confidence"] for r in slides if r["truth"] == r["predicted"]]
+    assert scored["weighted_confidence"] == pytest.approx(sum(right))
+    assert report["her2"]["points"]["verified"] is False
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "HER2 contest criteria over 4 cases" in out and "not verified" in out
+    plain = score_contest(
+        [r["truth"] for r in slides],
+        [r["predicted"] for r in slides],
+        [r["confidence"] for r in slides],
+        points=load_points_table(points),
+    )
+    table = out.splitlines()[-3:]
+    assert table[0].split() == ["Method", "Points", "W.C.", "C.Pts", "n"]
+    assert table[2].startswith(name)
+    assert table[2].split()[-4:] == [
+        f"{plain.total_points:.1f}",
+        "n/a",
+        f"{plain.total_combined:.1f}",
+        "4",
+    ]
+
+    # classes that are not HER2 scores, or weights alone, are refused at once
+    other = ["evaluate", "--model", str(tiny_grid_model), "--cohort", str(tiny_cohort.path)]
+    assert main([*other, "--her2-points", str(points)]) == 1
+    err = capsys.readouterr().err
+    assert "HER2 scores" in err and "carcinoma" in err and len(err.strip().splitlines()) == 1
+    assert main([*other, "--her2-weights", str(weights)]) == 1
+    assert "--her2-weights goes with --her2-points" in capsys.readouterr().err

@@ -26,31 +26,46 @@ Metrics (:func:`summarise_folds`), each fold computed by :func:`.metrics.evaluat
   over the folds that have one, and the table says how many.
 * The std is the population std over folds (``ddof=0``, numpy's and the usual
   ``scores.std()`` of scikit-learn's cross-validation); the paper does not say which.
+
+Runs (:func:`write_fold_cohorts`, :func:`read_fold_cohorts`): a k-fold run of one method
+is a folder with ``fold-1`` ... ``fold-K``, each a training run whose ``cohort.csv`` is
+its fold (the cohort with that fold's splits). ``slide-attention train --folds K`` writes
+them and trains each; ``slide-attention evaluate --folds K`` evaluates them
+(:func:`.evaluate.evaluate_folds`).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .cohort import Cohort
+from .cohort import Cohort, read_cohort, write_cohort
 from .metrics import Metrics, evaluate
 
 __all__ = [
+    "FOLD_COHORT",
     "CrossValSummary",
     "Fold",
     "FoldResult",
     "MeanStd",
     "fold_cohort",
+    "fold_directory",
     "format_mmr_table",
     "kfold_splits",
+    "read_fold_cohorts",
     "summarise_folds",
+    "write_fold_cohorts",
 ]
+
+# A fold's cohort (its splits) inside its run folder.
+FOLD_COHORT = "cohort.csv"
 
 # scikit-learn warns, and carries on, when a class has fewer groups than splits. For the
 # test folds we raise instead (see kfold_splits); for the validation split of the
@@ -199,6 +214,95 @@ def fold_cohort(cohort: Cohort, fold: Fold) -> Cohort:
         for i, entry in enumerate(cohort.entries)
     ]
     return Cohort(classes=tuple(cohort.classes), entries=entries, path=None)
+
+
+def fold_directory(run: str | os.PathLike, index: int) -> Path:
+    """Returns the folder of fold ``index`` (from 0) of a k-fold run: ``run/fold-<index+1>``."""
+    return Path(run) / f"fold-{index + 1}"
+
+
+def write_fold_cohorts(
+    cohort: Cohort,
+    run: str | os.PathLike,
+    k: int,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    replace_existing: bool = False,
+) -> list[Cohort]:
+    """Returns the ``k`` folds of a cohort as cohorts, each written to its fold folder.
+
+    Fold ``i`` goes to ``run/fold-<i+1>/cohort.csv`` (:data:`FOLD_COHORT`), where its
+    training run goes too. A fold folder that already holds a cohort with other splits
+    (a run of another cohort, ``k``, ``seed`` or ``val_fraction``) is an error, so that
+    resuming never trains a fold on another fold's slides, unless ``replace_existing``.
+
+    Args:
+        cohort: the cohort (its split column is not used).
+        run: the k-fold run's folder.
+        k: the number of folds.
+        seed: seed of the fold shuffle (:func:`kfold_splits`).
+        val_fraction: share of the non-test cases held out for validation.
+        replace_existing: overwrite fold cohorts with other splits (a run started over).
+
+    Returns:
+        The fold cohorts, read back from their files (their ``path`` set).
+
+    Raises:
+        ValueError: as :func:`kfold_splits`, or a fold folder holding other splits.
+    """
+    folds = kfold_splits(cohort, k, seed=seed, val_fraction=val_fraction)
+    out = []
+    for fold in folds:
+        fold_set = fold_cohort(cohort, fold)
+        path = fold_directory(run, fold.index) / FOLD_COHORT
+        if path.exists() and not replace_existing:
+            previous = read_cohort(path, cohort.classes, check_files=False)
+            if _splits_by_slide(previous) != _splits_by_slide(fold_set):
+                raise ValueError(
+                    f"{path}: holds another fold of {len(previous)} slides (made from another "
+                    "cohort, number of folds, fold seed or validation share); choose another "
+                    "--out, or pass --no-resume to start over"
+                )
+        write_cohort(path, fold_set)
+        out.append(read_cohort(path, cohort.classes, check_files=False))
+    return out
+
+
+def read_fold_cohorts(
+    run: str | os.PathLike, k: int, classes: Sequence[str] | None = None
+) -> list[Cohort]:
+    """Returns the ``k`` fold cohorts a k-fold run holds (see :func:`write_fold_cohorts`).
+
+    Args:
+        run: the k-fold run's folder.
+        k: the number of folds it must hold.
+        classes: the class names, in order (None: as the files list them).
+
+    Raises:
+        ValueError: no such folder, a fold missing, more than ``k`` folds, or a fold
+            cohort that cannot be read (``CohortError``).
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise ValueError(f"{run}: no such run folder")
+    cohorts = []
+    for i in range(k):
+        path = fold_directory(run, i) / FOLD_COHORT
+        if not path.is_file():
+            raise ValueError(
+                f"{run}: no {path.relative_to(run).as_posix()}; not a run of `train --folds "
+                f"{k}` (a run of fewer folds, or of one model?)"
+            )
+        cohorts.append(read_cohort(path, classes))
+    if (fold_directory(run, k) / FOLD_COHORT).exists():
+        raise ValueError(f"{run}: holds more than {k} folds (a run of another --folds)")
+    return cohorts
+
+
+def _splits_by_slide(cohort: Cohort) -> dict[Path, str]:
+    """Returns each slide's split, by resolved path."""
+    return {Path(e.slide).resolve(): e.split for e in cohort.entries}
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ __all__ = [
     "PointsTableError",
     "agreement_points",
     "case_points",
+    "check_her2_classes",
     "combined_points",
     "format_her2_table",
     "load_points_table",
@@ -206,6 +207,23 @@ def load_points_table(path: str | os.PathLike, *, allow_negative: bool = False) 
     if not isinstance(source, str) or not isinstance(name, str):
         raise PointsTableError("'source' and 'name' must be strings", path)
     return _build(points, source, name, verified, allow_negative, path=path)
+
+
+def check_her2_classes(classes: Sequence[str]) -> None:
+    """Checks that every class name is a HER2 score, before a long run scores them.
+
+    Args:
+        classes: the class names of a cohort or a model.
+
+    Raises:
+        ValueError: naming the classes that are not HER2 scores.
+    """
+    unknown = [c for c in classes if str(c).strip() not in HER2_SCORES]
+    if unknown:
+        raise ValueError(
+            f"the HER2 contest's criteria need classes that are HER2 scores "
+            f"{list(HER2_SCORES)}; {unknown} are not (the classes: {list(classes)})"
+        )
 
 
 def case_points(truth: Any, predicted: Any, table: PointsTable) -> np.ndarray:
