@@ -10,12 +10,16 @@ import pytest
 
 from napari_slide_attention.train.cohort import Cohort, CohortEntry
 from napari_slide_attention.train.crossval import (
+    FOLD_COHORT,
     Fold,
     MeanStd,
     fold_cohort,
+    fold_directory,
     format_mmr_table,
     kfold_splits,
+    read_fold_cohorts,
     summarise_folds,
+    write_fold_cohorts,
 )
 
 MMR = ("intact", "loss")
@@ -293,3 +297,53 @@ def test_mmr_table_lists_methods_and_numbers() -> None:
     assert "0.433 ±" in format_mmr_table({"p": proposed}, decimals=3)
     with pytest.raises(ValueError, match="no methods"):
         format_mmr_table({})
+
+
+# --- k-fold runs on disk -------------------------------------------------------------------
+
+
+def _cohort_on_disk(tmp_path: Path) -> Cohort:
+    """A cohort whose slide files exist (empty files: only the paths matter here)."""
+    cohort = _cohort({"intact": (6, 2), "loss": (4, 1)}, lesion=True)
+    for entry in cohort.entries:
+        entry.slide = tmp_path / "slides" / entry.slide.name
+        entry.slide.parent.mkdir(exist_ok=True)
+        entry.slide.touch()
+    return cohort
+
+
+def test_fold_cohorts_are_written_read_back_and_match_the_folds(tmp_path) -> None:
+    cohort = _cohort_on_disk(tmp_path)
+    run = tmp_path / "run"
+    written = write_fold_cohorts(cohort, run, 3, seed=4, val_fraction=0)
+    folds = kfold_splits(cohort, k=3, seed=4, val_fraction=0)
+    assert [fold_directory(run, i).name for i in range(3)] == ["fold-1", "fold-2", "fold-3"]
+    for fold, fold_set in zip(folds, written, strict=True):
+        assert fold_set.path == run / f"fold-{fold.index + 1}" / FOLD_COHORT
+        assert fold_set.classes == cohort.classes
+        assert [e.split for e in fold_set.entries] == fold.splits()
+        assert [e.slide for e in fold_set.entries] == [e.slide for e in cohort.entries]
+        assert [e.case for e in fold_set.entries] == [e.case for e in cohort.entries]
+        assert fold_set.entries[0].lesions == cohort.entries[0].lesions
+    again = read_fold_cohorts(run, 3, cohort.classes)
+    assert [[e.split for e in c.entries] for c in again] == [f.splits() for f in folds]
+    # the same folds may be written again (a resumed run); other folds may not
+    write_fold_cohorts(cohort, run, 3, seed=4, val_fraction=0)
+    with pytest.raises(ValueError, match="holds another fold"):
+        write_fold_cohorts(cohort, run, 3, seed=5, val_fraction=0)
+    write_fold_cohorts(cohort, run, 3, seed=5, val_fraction=0, replace_existing=True)
+    assert [[e.split for e in c.entries] for c in read_fold_cohorts(run, 3)] == [
+        f.splits() for f in kfold_splits(cohort, k=3, seed=5, val_fraction=0)
+    ]
+
+
+def test_reading_fold_cohorts_checks_the_number_of_folds(tmp_path) -> None:
+    cohort = _cohort_on_disk(tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="no such run folder"):
+        read_fold_cohorts(run, 3)
+    write_fold_cohorts(cohort, run, 3, val_fraction=0)
+    with pytest.raises(ValueError, match=r"no fold-4/cohort.csv; not a run of `train --folds 4`"):
+        read_fold_cohorts(run, 4)
+    with pytest.raises(ValueError, match="holds more than 2 folds"):
+        read_fold_cohorts(run, 2)

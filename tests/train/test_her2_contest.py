@@ -19,6 +19,7 @@ from napari_slide_attention.train.her2_contest import (
     PointsTableError,
     agreement_points,
     case_points,
+    check_her2_classes,
     combined_points,
     format_her2_table,
     load_points_table,
@@ -220,3 +221,12 @@ def test_no_default_table_is_shipped() -> None:
     ]:
         assert inspect.signature(func).parameters[arg].default is inspect.Parameter.empty
     assert not [name for name in vars(her2_contest) if "DEFAULT" in name.upper()]
+
+
+def test_check_her2_classes_names_the_classes_that_are_not_scores() -> None:
+    check_her2_classes(HER2_SCORES)
+    check_her2_classes(["0", "3+"])  # a subset of the scores is fine
+    with pytest.raises(ValueError, match=r"\['negative', 'positive'\] are not"):
+        check_her2_classes(["negative", "positive"])
+    with pytest.raises(ValueError, match=r"\['4\+'\] are not"):
+        check_her2_classes(["0", "1+", "4+"])
