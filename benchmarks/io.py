@@ -162,22 +162,22 @@ def run_tilestream(path: Path, size: int, workers: int) -> dict:
         tiles += len(batch)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     slide.close()
-    return {"seconds": seconds, "cpu": cpu, "tiles": tiles, "fast_tiles": stream.stats.fast}
+    return {"seconds": seconds, "cpu": cpu, "tiles": tiles, "direct_tiles": stream.stats.direct}
 
 
 def run_tilestream_aligned(path: Path, size: int, workers: int) -> dict:
     """TileStream with its batch rows on 32-byte boundaries (what it avoids; opt-in).
 
     libjpeg-turbo's SIMD colour conversion stores such rows with non-temporal stores;
-    TileStream offsets its batch arrays so that it does not (``_JPEG_ROW_OFFSET``).
+    TileStream offsets its batch arrays so that it does not (``JPEG_ROW_OFFSET``).
     """
-    from napari_slide_attention.slide import stream
+    from napari_slide_attention.slide import stored_tiles
 
-    saved, stream._JPEG_ROW_OFFSET = stream._JPEG_ROW_OFFSET, 0
+    saved, stored_tiles.JPEG_ROW_OFFSET = stored_tiles.JPEG_ROW_OFFSET, 0
     try:
         return run_tilestream(path, size, workers)
     finally:
-        stream._JPEG_ROW_OFFSET = saved
+        stored_tiles.JPEG_ROW_OFFSET = saved
 
 
 def run_plain_decode(path: Path, size: int, workers: int) -> dict:
@@ -193,7 +193,7 @@ def run_plain_decode(path: Path, size: int, workers: int) -> dict:
             fh.seek(offset)
             blobs.append(fh.read(count))
 
-    from napari_slide_attention.slide.stream import _JPEG_ROW_OFFSET, _offset_empty
+    from napari_slide_attention.slide.stored_tiles import JPEG_ROW_OFFSET, offset_empty
 
     local = threading.local()
 
@@ -203,7 +203,7 @@ def run_plain_decode(path: Path, size: int, workers: int) -> dict:
         # cache (a fresh array per tile lands on one by chance of the allocator).
         out = getattr(local, "out", None)
         if out is None:
-            out = local.out = _offset_empty((TILE, TILE, 3), np.dtype(np.uint8), _JPEG_ROW_OFFSET)
+            out = local.out = offset_empty((TILE, TILE, 3), np.dtype(np.uint8), JPEG_ROW_OFFSET)
         for data in chunk:
             imagecodecs.jpeg8_decode(
                 data, tables=tables, colorspace=colorspace, outcolorspace=outcolorspace, out=out
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             run = METHODS[name](path, args.size, workers)
             run["mp_per_s"] = run["tiles"] * TILE * TILE / 1e6 / run["seconds"]
             runs[name].append(run)
-            extra = f", {run['fast_tiles']} on the fast path" if "fast_tiles" in run else ""
+            extra = f", {run['direct_tiles']} decoded directly" if "direct_tiles" in run else ""
             print(
                 f"  round {round_}: {name:<18} {run['mp_per_s']:8.1f} MP/s "
                 f"({run['seconds']:.2f} s, {run['cpu']:.2f} CPU s{extra})",

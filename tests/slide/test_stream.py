@@ -100,13 +100,14 @@ def _stream_threads(stream: TileStream) -> list[threading.Thread]:
 
 
 @pytest.mark.parametrize("level", [0, 1])
-def test_aligned_tiles_use_fast_path_and_match_read_region(slide, level):
+def test_aligned_tiles_are_decoded_directly_and_match_read_region(slide, level):
     size0 = TILE * 2**level
     # One ring of boxes outside the slide, so edge tiles and all-glass boxes are covered.
     boxes = _grid(slide, level, size0, margin=1)
     stream = TileStream(slide, level, boxes, batch_size=7, workers=2)
-    assert stream.stats.fast == len(boxes) and stream.stats.general == 0
-    assert stream.stats.fast_path == ""
+    assert stream.stats.direct == len(boxes) == stream.stats.fast
+    assert stream.stats.general == stream.stats.assembled == stream.stats.banded == 0
+    assert stream.stats.fast_path == "" and stream.cache_nbytes == 0
     pixels, out_boxes, indices = _collect(stream)
     assert pixels.shape == (len(boxes), TILE, TILE, 3) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels, _expected(slide, level, boxes))
@@ -116,21 +117,22 @@ def test_aligned_tiles_use_fast_path_and_match_read_region(slide, level):
     assert (pixels[0] == slide.fill_value).all()
 
 
-def test_multi_tile_boxes_use_fast_path(slide):
+def test_multi_tile_boxes_are_decoded_directly(slide):
     boxes = _grid(slide, 1, 2 * TILE * 2)  # 2x2 stored tiles per box at level 1
     stream = TileStream(slide, 1, boxes, batch_size=3)
-    assert stream.stats.fast == len(boxes)
+    assert stream.stats.direct == len(boxes)
     pixels, _, _ = _collect(stream)
     assert pixels.shape[1:] == (2 * TILE, 2 * TILE, 3)
     np.testing.assert_array_equal(pixels, _expected(slide, 1, boxes))
 
 
 @pytest.mark.parametrize("level", [0, 1])
-def test_unaligned_boxes_use_general_path(slide, level):
+def test_unaligned_boxes_are_assembled_from_stored_tiles(slide, level):
     size0 = 100 * 2**level
     boxes = _grid(slide, level, size0) + np.array([-30, 17, 0, 0])  # partly outside too
     stream = TileStream(slide, level, boxes, batch_size=16)
-    assert stream.stats.general == len(boxes) and stream.stats.fast == 0
+    assert stream.stats.assembled == len(boxes) == stream.stats.fast
+    assert stream.stats.direct == stream.stats.general == 0
     pixels, _, indices = _collect(stream)
     np.testing.assert_array_equal(pixels, _expected(slide, level, boxes))
     np.testing.assert_array_equal(indices, np.arange(len(boxes)))
@@ -139,10 +141,16 @@ def test_unaligned_boxes_use_general_path(slide, level):
 def test_mixed_paths_keep_order_and_indices(slide):
     rng = np.random.default_rng(1)
     aligned = _grid(slide, 0, TILE, margin=1)
-    shifted = aligned + np.array([5, -3, 0, 0])
-    boxes = np.concatenate([aligned, shifted])[rng.permutation(2 * len(aligned))]
+    # Shifted boxes in the top rows only: the aligned boxes below share no stored tile
+    # with them and are decoded directly; the ones above are assembled with them.
+    shifted = aligned[aligned[:, 1] < 2 * TILE] + np.array([5, -3, 0, 0])
+    boxes = np.concatenate([aligned, shifted])[rng.permutation(len(aligned) + len(shifted))]
     stream = TileStream(slide, 0, boxes.tolist(), batch_size=10, workers=3, prefetch=1)
-    assert stream.stats.fast == len(aligned) == stream.stats.general
+    # The shifted boxes overlap stored tile rows 0 and 1 (the ones at y = -131 nothing).
+    x, y = aligned[:, 0], aligned[:, 1]
+    shared = np.count_nonzero((y >= 0) & (y < 2 * TILE) & (x >= 0) & (x < WIDTH))
+    assert stream.stats.direct == len(aligned) - shared
+    assert stream.stats.assembled == len(shifted) + shared
     assert len(stream) == -(-len(boxes) // 10) and stream.n_tiles == len(boxes)
     batches = list(stream)
     assert [len(b) for b in batches] == [10] * (len(boxes) // 10) + (

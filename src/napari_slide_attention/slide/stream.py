@@ -3,30 +3,54 @@
 ``TileStream`` is the input side of every model: it turns a list of level-0 boxes
 (e.g. a tissue tile grid) into batches of pixels read at one pyramid level.
 
-Two ways to read a tile:
+Three ways to read a tile (``StreamStats`` counts them):
 
-* **Fast path.** When the level is a single tiled TIFF page and a box is aligned with
-  the stored tiles (its origin at that level a multiple of the tile size, its size a
-  multiple of it), the stored tile bytes are read with ``os.pread`` on the stream's own
-  file descriptor (no shared file position, so no lock) and decoded on the pool.
-  imagecodecs releases the GIL while decoding, so the threads decode in parallel;
-  JPEG tiles that fill a whole batch slot are decoded straight into the batch array,
-  which starts off the 32-byte boundaries where libjpeg-turbo would write around the
-  cache (see ``_JPEG_ROW_OFFSET``).
-* **General path.** Everything else (unaligned boxes, OME-Zarr, virtual levels, strips,
-  planar or transposed layouts) goes through ``Slide.read_region`` on the same pool.
+* **Direct.** When the level is a single tiled TIFF page and a box is aligned with the
+  stored tiles (its origin at that level a multiple of the tile size, its size a multiple
+  of it) and no other box needs its stored tiles, the stored tile bytes are read with
+  ``os.pread`` on the stream's own file descriptor (no shared file position, so no lock)
+  and decoded on the pool straight into the batch array. imagecodecs releases the GIL
+  while decoding, so the threads decode in parallel; JPEG batch arrays start off the
+  32-byte boundaries where libjpeg-turbo would write around the cache
+  (``stored_tiles.JPEG_ROW_OFFSET``).
+* **Assembled.** Every other box on such a level (any size, any alignment, past the
+  slide's edge): its stored tiles are decoded on the pool into a cache shared by the
+  pass, each once, and the parts the box covers are copied into the batch. The boxes
+  that need each stored tile are counted when the stream is made; a decoded tile is kept
+  until the last of them has taken its part, so the tiles neighbouring boxes share (also
+  across batches) are not decoded again. See ``slide/stored_tiles.py``.
+* **Banded.** Levels without stored tiles to decode (strip TIFFs, OME-Zarr, virtual
+  levels, planar or transposed layouts): consecutive boxes on the same rows, close
+  together (a grid row, in row-major order), form a band that one ``Slide.read_region``
+  call reads on the pool; the boxes are cut from it, and it is dropped once the last of
+  them is.
 
-Both paths give the same pixels as ``Slide.read_region`` (same decoders, same padding
-with ``Slide.fill_value`` outside the slide).
+All give the same pixels as ``Slide.read_region`` (same decoders, same padding with
+``Slide.fill_value`` outside the slide, never-written tiles as fill).
 
-Memory: at most ``prefetch`` batches are decoded or being decoded ahead of the batch the
-consumer last received, so the pixels in flight plus the batch in the consumer's hands
-come to ``(prefetch + 1) × batch bytes`` (batch bytes = ``batch_size × h × w × channels``
-for uint8; see ``TileStream.batch_nbytes``). One more batch array exists: the previous
-batch, which a ``for`` loop's variable keeps alive while it asks for the next one; once
-the consumer has let go of it, the stream refills that array rather than allocating a
-new one. So the peak is ``(prefetch + 2) × batch bytes``. Batches the consumer keeps
-(e.g. in a list, or as a view or a ``torch.from_numpy`` tensor) are never refilled.
+Memory:
+
+* Batches: at most ``prefetch`` batches are decoded or being decoded ahead of the batch
+  the consumer last received, so the pixels in flight plus the batch in the consumer's
+  hands come to ``(prefetch + 1) × batch bytes`` (batch bytes = ``batch_size × h × w ×
+  channels`` for uint8; see ``TileStream.batch_nbytes``). One more batch array exists:
+  the previous batch, which a ``for`` loop's variable keeps alive while it asks for the
+  next one; once the consumer has let go of it, the stream refills that array rather
+  than allocating a new one. So the peak is ``(prefetch + 2) × batch bytes``. Batches the
+  consumer keeps (e.g. in a list, or as a view or a ``torch.from_numpy`` tensor) are
+  never refilled.
+* Decoded stored tiles (assembled boxes): a tile is held from its first box to its
+  last. For a grid read in row-major order that is about one row of stored tiles across
+  the grid plus the tiles of the boxes in flight (a 32768 px wide grid of 492 px boxes
+  over 256 px RGB tiles: 128 tiles of 192 KiB, 24 MiB). ``TileStream.cache_nbytes`` gives
+  the figure for a stream's boxes. The cache never keeps more than ``cache_bytes``
+  (default 256 MiB) for later boxes: past that it drops the tiles needed last, which are
+  decoded again when their boxes come (only orders that jump about, such as shuffled
+  boxes, get there). On top: the tiles of the boxes being assembled (at most
+  ``workers ×`` the stored tiles one box overlaps) and two spare tile buffers per thread.
+* Bands (banded boxes): one band is at most ``_BAND_BYTES`` (16 MiB) or one box wide,
+  and is dropped as soon as its last box is cut, so the bands held are those of the
+  boxes in flight; ``TileStream.cache_nbytes`` gives the peak for a stream's boxes.
 """
 
 from __future__ import annotations
@@ -42,20 +66,22 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import imagecodecs
 import numpy as np
-import tifffile
 
+from . import stored_tiles
 from .reader import Slide, SlideError
+from .stored_tiles import (
+    SharedPieces,
+    StoredLevel,
+    TileFailure,
+    TilePlan,
+    offset_empty,
+    spare_tiles,
+    stored_tiles_problem,
+)
 
 __all__ = ["StreamStats", "TileBatch", "TileStream", "default_workers"]
 
-# TIFF compression code of (new-style) JPEG.
-_JPEG = 7
-# Stored tiles closer than this in the file are fetched by one read (the bytes between
-# are read and dropped), up to this many bytes per read.
-_READ_GAP = 4096
-_READ_SPAN = 8 << 20
 # Most boxes a worker reads between two checks for close().
 _RUN = 16
 # Batch arrays the consumer has dropped are refilled instead of allocating fresh ones:
@@ -64,33 +90,21 @@ _RUN = 16
 # sys.getrefcount tells reliably on CPython with the GIL; elsewhere arrays are not reused.
 _RECYCLE = sys.implementation.name == "cpython" and not sysconfig.get_config_var("Py_GIL_DISABLED")
 _SPARES = 2
-# libjpeg-turbo's x86 SIMD colour conversion writes an output row that starts on a 32-byte
-# (AVX2) or 16-byte (SSE2) boundary with non-temporal stores, which go around the cache:
-# decoding such a tile took ~20 % more CPU here, and the consumer then reads the batch back
-# from memory. Batch arrays decoded by libjpeg-turbo therefore start this many bytes past a
-# 64-byte boundary; TIFF tile widths are multiples of 16 px, so every row of every tile in
-# the batch is 8 bytes off a 16-byte boundary and takes the cached stores.
-_JPEG_ROW_OFFSET = 8
-
-
-def _offset_empty(shape: tuple[int, ...], dtype: np.dtype, offset: int) -> np.ndarray:
-    """An uninitialised array whose data starts ``offset`` bytes past a 64-byte boundary.
-
-    The array is a view of a larger uint8 buffer (its ``base``), so that holders of views
-    of it can still be counted (see ``_refcounts``).
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + 64 + offset, dtype=np.uint8)
-    start = (offset - raw.ctypes.data) % 64
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+# Decoded stored tiles kept for later boxes, at most (TileStream's cache_bytes).
+_CACHE_BYTES = 256 << 20
+# Widest band read at once (bytes of pixels), unless one box is wider; boxes further
+# apart than one box width are not read as one band.
+_BAND_BYTES = 16 << 20
+# Ways a box is read (TileStream._route).
+_DIRECT, _ASSEMBLED, _BANDED = 0, 1, 2
 
 
 def _refcounts(holder: list[np.ndarray], i: int) -> tuple[int, int]:
     """sys.getrefcount of ``holder[i]`` and of the buffer it views (0 when it owns its data).
 
     A view of a view refers to the buffer, not to the view it was cut from, so an array
-    made by ``_offset_empty`` is unshared only when both counts are what they are for an
-    array nobody else holds (``_UNSHARED``).
+    made by ``stored_tiles.offset_empty`` is unshared only when both counts are what they
+    are for an array nobody else holds (``_UNSHARED``).
     """
     array = holder[i]
     base = array.base
@@ -100,20 +114,11 @@ def _refcounts(holder: list[np.ndarray], i: int) -> tuple[int, int]:
 def _unshared_refcounts() -> tuple[tuple[int, int], tuple[int, int]]:
     """What ``_refcounts`` reports for unshared arrays: one owning its data, one a view."""
     owner = [np.empty(1, dtype=np.uint8)]
-    view = [_offset_empty((1,), np.dtype(np.uint8), _JPEG_ROW_OFFSET)]
+    view = [offset_empty((1,), np.dtype(np.uint8), stored_tiles.JPEG_ROW_OFFSET)]
     return _refcounts(owner, 0), _refcounts(view, 0)
 
 
 _UNSHARED = _unshared_refcounts()
-
-
-class _TileFailure(Exception):
-    """A tile of a run of boxes failed; carries the box's position in the run."""
-
-    def __init__(self, position: int, error: BaseException):
-        super().__init__(position, error)
-        self.position = position
-        self.error = error
 
 
 def default_workers() -> int:
@@ -146,198 +151,109 @@ class TileBatch:
 
 @dataclass(frozen=True)
 class StreamStats:
-    """How a stream's tiles are read (decided when the stream is made).
+    """Which way each of a stream's tiles is read (decided when the stream is made).
 
     Attributes:
         tiles: number of tiles.
-        fast: tiles read from the stored TIFF tiles directly.
-        general: tiles read through ``Slide.read_region``.
-        fast_path: why the level cannot use the fast path, or "" when it can (then
-            ``general`` counts the boxes that are not aligned with the stored tiles).
+        direct: tiles whose stored tiles are decoded straight into the batch (aligned
+            with the stored tiles, a whole number of them, none shared with another box).
+        assembled: tiles copied from stored tiles decoded once per pass into the cache.
+        banded: tiles cut from bands read with ``Slide.read_region`` (levels without
+            stored tiles to decode).
+        stored_tiles: distinct stored tiles (with data) the boxes need: what a pass
+            decodes, each once while the cache holds the shared ones (0 when banded).
+        bands: ``Slide.read_region`` calls a pass makes (0 unless banded).
+        fast_path: why the level has no stored tiles to decode, or "" when it has.
     """
 
     tiles: int
-    fast: int
-    general: int
+    direct: int = 0
+    assembled: int = 0
+    banded: int = 0
+    stored_tiles: int = 0
+    bands: int = 0
     fast_path: str = ""
 
+    @property
+    def fast(self) -> int:
+        """Tiles read from the stored TIFF tiles (direct or assembled)."""
+        return self.direct + self.assembled
 
-class _StoredLevel:
-    """Reads and decodes the stored tiles of one tiled TIFF page."""
-
-    def __init__(self, slide: Slide, level: int, page: tifffile.TiffPage):
-        self.path = slide.path
-        self.level = level
-        self.fill = slide.fill_value
-        self.tile_h, self.tile_w = int(page.tilelength), int(page.tilewidth)
-        self.height, self.width = int(page.imagelength), int(page.imagewidth)
-        self.down = math.ceil(self.height / self.tile_h)
-        self.across = math.ceil(self.width / self.tile_w)
-        self.offsets = [int(v) for v in page.dataoffsets]
-        self.counts = [int(v) for v in page.databytecounts]
-        self.squeeze = slide.levels[level].ndim == 2
-        # The closure tifffile itself decodes with (what read_region ends up calling), so
-        # both paths give identical pixels for every compression tifffile supports.
-        self.decode = page.decode
-        self.jpegtables = page.jpegtables
-        self.jpegheader = getattr(page, "jpegheader", None)
-        # Calling libjpeg-turbo directly lets it write into the batch array; only for the
-        # plain 8-bit contiguous RGB case, with the colour spaces tifffile would use.
-        self.direct_jpeg = (
-            page.compression == _JPEG
-            and self.jpegheader is None
-            and page.bitspersample == 8
-            and page.samplesperpixel == 3
-            and page.planarconfig == 1
-            and not page.extrasamples
-        )
-        self.colorspace, self.outcolorspace = tifffile.tifffile.jpeg_decode_colorspace(
-            page.photometric, page.planarconfig, page.extrasamples, page.is_jfif
-        )
-
-    def read_boxes(self, out: np.ndarray, origins: np.ndarray, fd: int, file_size: int) -> None:
-        """Fill ``out[k]`` with the aligned box whose level origin (y, x) is ``origins[k]``.
-
-        Raises:
-            _TileFailure: wrapping the SlideError of the first tile that fails, with the
-                position of its box in ``out``.
-        """
-        th, tw = self.tile_h, self.tile_w
-        out_h, out_w = out.shape[1:3]
-        single = out_h == th and out_w == tw
-        across, down = self.across, self.down
-        offsets, counts, fill = self.offsets, self.counts, self.fill
-        # Plan first, then read: stored tiles that lie back to back in the file (the
-        # usual row-major layout) are fetched with one pread instead of one per tile.
-        plan: list[tuple[np.ndarray, int, int, int, int, int, int]] = []
-        for position, (ly, lx) in enumerate(origins.tolist()):
-            box = out[position]
-            row0, col0 = ly // th, lx // tw
-            for r in range(row0, row0 + out_h // th):
-                for c in range(col0, col0 + out_w // tw):
-                    if single:
-                        dest = box
-                    else:
-                        y, x = (r - row0) * th, (c - col0) * tw
-                        dest = box[y : y + th, x : x + tw]
-                    if not (0 <= r < down and 0 <= c < across):
-                        dest[...] = fill  # outside the slide: glass
-                        continue
-                    index = r * across + c
-                    offset, count = offsets[index], counts[index]
-                    if offset == 0 or count == 0:
-                        dest[...] = fill  # never written (sparse file): glass, as the reader
-                        continue
-                    plan.append((dest, r, c, index, offset, count, position))
-        start = 0
-        while start < len(plan):
-            first = plan[start][4]
-            end = first + plan[start][5]
-            stop = start + 1
-            while stop < len(plan):
-                offset, count = plan[stop][4], plan[stop][5]
-                if not (end <= offset <= end + _READ_GAP and offset + count - first <= _READ_SPAN):
-                    break
-                end = offset + count
-                stop += 1
-            # Read what the file has; a tile that does not fit is reported when reached,
-            # after the ones before it have been decoded.
-            data = _pread(fd, min(end, file_size) - first, first) if first < file_size else b""
-            view = memoryview(data)
-            for dest, r, c, index, offset, count, position in plan[start:stop]:
-                if offset + count - first > len(data):
-                    raise _TileFailure(position, self._truncated(r, c, file_size))
-                try:
-                    self._decode(view[offset - first : offset - first + count], dest, r, c, index)
-                except SlideError as exc:
-                    raise _TileFailure(position, exc) from None
-            start = stop
-
-    def _decode(self, data: memoryview, dest: np.ndarray, r: int, c: int, index: int) -> None:
-        valid_h = min(self.tile_h, self.height - r * self.tile_h)
-        valid_w = min(self.tile_w, self.width - c * self.tile_w)
-        whole = valid_h == self.tile_h and valid_w == self.tile_w
-        if self.direct_jpeg and whole and dest.flags.c_contiguous:
-            try:
-                imagecodecs.jpeg8_decode(
-                    data,
-                    tables=self.jpegtables,
-                    colorspace=self.colorspace,
-                    outcolorspace=self.outcolorspace,
-                    out=dest,
-                )
-                return
-            except Exception:
-                pass  # tifffile's own decoder below gets the last word
-        try:
-            tile = self.decode(
-                bytes(data), index, jpegtables=self.jpegtables, jpegheader=self.jpegheader
-            )
-            tile = tile[0][0]  # (depth, length, width, samples) -> (length, width, samples)
-            if self.squeeze:
-                tile = tile[..., 0]
-            dest[:valid_h, :valid_w] = tile[:valid_h, :valid_w]
-        except Exception as exc:  # codec errors come in many types
-            raise SlideError(
-                self.path,
-                f"corrupt image data: level {self.level} tile (row {r}, column {c}) at level "
-                f"pixels y={r * self.tile_h}, x={c * self.tile_w} cannot be decoded "
-                f"({type(exc).__name__}: {exc})",
-            ) from exc
-        if not whole:
-            # Edge tile: the stored tile is padded past the image; the slide is not.
-            dest[valid_h:] = self.fill
-            dest[:valid_h, valid_w:] = self.fill
-
-    def _truncated(self, r: int, c: int, file_size: int) -> SlideError:
-        return SlideError(
-            self.path,
-            f"truncated file: level {self.level} tile (row {r}, column {c}) lies beyond the "
-            f"end of the file ({file_size} bytes); the file was cut short while copying or "
-            "writing",
-        )
+    @property
+    def general(self) -> int:
+        """Tiles read through ``Slide.read_region`` (banded)."""
+        return self.banded
 
 
-if hasattr(os, "pread"):
-    _pread = os.pread
-else:  # Windows: no pread; serialise seek + read on the shared descriptor
-    _pread_lock = threading.Lock()
+@dataclass(frozen=True)
+class _BandPlan:
+    """Bands of boxes read by one ``Slide.read_region`` each (made by ``_plan_bands``).
 
-    def _pread(fd: int, count: int, offset: int) -> bytes:
-        with _pread_lock:
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, count)
+    Attributes:
+        of_box: (n,) band of each box; a band's boxes follow each other in the list.
+        first: (bands,) position of each band's first box.
+        x0: (bands,) level column where each band starts.
+        width: (bands,) level columns of each band.
+        uses: band -> number of its boxes.
+        peak_nbytes: most bytes of bands held at once when the boxes are read in order.
+    """
+
+    of_box: np.ndarray
+    first: np.ndarray
+    x0: np.ndarray
+    width: np.ndarray
+    uses: dict[int, int]
+    peak_nbytes: int
 
 
-def _fast_path_problem(slide: Slide, level: int) -> str:
-    """Why a level's stored tiles cannot be decoded directly ("" when they can)."""
-    info = slide.level_info[level]
-    if info.virtual:
-        return f"level {level} is computed from the level above (virtual)"
-    page = slide.tiff_page(level)
-    if page is None:
-        return (
-            f"level {level} is not one TIFF page in (Y, X[, S]) layout "
-            "(OME-Zarr, multi-page, planar or transposed)"
-        )
-    if not page.is_tiled:
-        return f"level {level} is stored in strips, not tiles"
-    if page.tiledepth != 1 or page.imagedepth != 1:
-        return f"level {level} has 3-D tiles"
-    if page.planarconfig != 1:
-        return f"level {level} stores colour planes separately"
-    if (int(page.imagelength), int(page.imagewidth)) != tuple(info.shape):
-        return f"level {level}'s TIFF page is not the level's shape"
-    level_array = slide.levels[level]
-    channels = 1 if level_array.ndim == 2 else int(level_array.shape[2])
-    if int(page.samplesperpixel) != channels or np.dtype(page.dtype) != level_array.dtype:
-        return f"level {level}'s TIFF samples differ from the level's channels"
-    if page.compression != 1:
-        try:
-            tifffile.TIFF.DECOMPRESSORS[page.compression]
-        except KeyError:
-            return f"level {level}'s compression {page.compression} has no decoder"
-    return ""
+def _plan_bands(
+    origins: np.ndarray, shape: tuple[int, int], pixel_nbytes: int, window: int
+) -> _BandPlan:
+    """Group consecutive boxes on the same level rows into bands of at most _BAND_BYTES.
+
+    Args:
+        origins: (n, 2) level origins (y, x) of the boxes.
+        shape: (h, w) of a box at the level.
+        pixel_nbytes: bytes of one pixel.
+        window: boxes that may be in flight at once (for ``peak_nbytes``).
+    """
+    n = len(origins)
+    h, w = shape
+    ys, xs = origins[:, 0], origins[:, 1]
+    step = np.diff(xs)
+    # A band goes on while the next box is on the same rows, to the right, at most one
+    # box width away (reading a wider gap would cost more than the seam it saves).
+    run = np.ones(n, dtype=bool)
+    run[1:] = (ys[1:] != ys[:-1]) | (step <= 0) | (step > 2 * w)
+    start_x = xs[np.flatnonzero(run)][np.cumsum(run) - 1]
+    span = max(w, _BAND_BYTES // max(1, h * pixel_nbytes))
+    part = (xs - start_x) // span
+    new = run.copy()
+    new[1:] |= part[1:] != part[:-1]
+    of_box = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], n) - 1
+    width = xs[last] + w - xs[first]
+    live = np.zeros(n + 2, dtype=np.int64)
+    np.add.at(live, np.maximum(first - window, 0), width * h * pixel_nbytes)
+    np.add.at(live, last + 1, -width * h * pixel_nbytes)
+    return _BandPlan(
+        of_box=of_box,
+        first=first,
+        x0=xs[first],
+        width=width,
+        uses=dict(enumerate((last - first + 1).tolist())),
+        peak_nbytes=int(np.cumsum(live).max()) if n else 0,
+    )
+
+
+def _level0_width(columns: int, scale: float) -> int:
+    """A level-0 width that ``Slide.read_region`` reads as ``columns`` level columns."""
+    guess = round(columns * scale)
+    for width in (guess, guess - 1, guess + 1, guess - 2, guess + 2):
+        if width > 0 and max(1, round(width / scale)) == columns:
+            return width
+    return math.ceil((columns + 1) * scale)  # a column too many; cut off below
 
 
 class _Batch:
@@ -357,7 +273,7 @@ class _Batch:
 
 
 class _Pass:
-    """The resources of one iteration over a stream: pool, file descriptor, batches."""
+    """The resources of one iteration over a stream: pool, file descriptor, batches, caches."""
 
     def __init__(self, workers: int, path: os.PathLike | str | None, name: str):
         self.stop = threading.Event()
@@ -373,6 +289,9 @@ class _Pass:
                 raise SlideError(path, f"cannot read the file: {exc.strerror or exc}") from exc
         self.pending: deque[tuple[_Batch, list[Future]]] = deque()
         self.spare: list[np.ndarray] = []
+        # Decoded stored tiles (assembled boxes) and bands (banded boxes) of this pass.
+        self.tiles: SharedPieces | None = None
+        self.bands: SharedPieces | None = None
         self.closed = False
         self._close_lock = threading.Lock()
 
@@ -438,6 +357,9 @@ class TileStream:
         transform: called on each batch's pixel array in the worker thread that completes
             the batch (e.g. normalisation), so that it overlaps with the consumer; its
             result becomes ``TileBatch.pixels``.
+        cache_bytes: most bytes of decoded stored tiles kept for later boxes (None: 256
+            MiB). Boxes in grid order need far less (``cache_nbytes``); below that, shared
+            tiles are decoded more than once.
 
     Raises:
         ValueError: bad level, box shapes or sizes, or settings.
@@ -459,6 +381,7 @@ class TileStream:
         prefetch: int = 2,
         tile_size: int | tuple[int, int] | None = None,
         transform: Callable[[np.ndarray], Any] | None = None,
+        cache_bytes: int | None = None,
     ):
         if not isinstance(level, int | np.integer) or not 0 <= level < slide.level_count:
             raise ValueError(f"level {level} does not exist (the slide has {slide.level_count})")
@@ -469,12 +392,16 @@ class TileStream:
         workers = default_workers() if workers is None else int(workers)
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        cache_bytes = _CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be 0 or more, got {cache_bytes}")
         self.slide = slide
         self.level = int(level)
         self.batch_size = int(batch_size)
         self.prefetch = int(prefetch)
         self.workers = workers
         self.transform = transform
+        self.cache_bytes = cache_bytes
         self.boxes = _as_boxes(boxes)
         self._lock = threading.Lock()
         self._pass: _Pass | None = None
@@ -508,6 +435,7 @@ class TileStream:
         self.tile_shape: tuple[int, int] = shape
         self.pixel_shape: tuple[int, ...] = (*shape, *slide.levels[self.level].shape[2:])
         self.dtype = np.dtype(slide.dtype)
+        self._scale = (sy, sx)
         self._origins = np.stack(
             [
                 np.floor(self.boxes[:, 1] / sy).astype(np.int64),
@@ -516,23 +444,32 @@ class TileStream:
             axis=1,
         )
 
-        problem = _fast_path_problem(slide, self.level) if n else ""
-        self._stored: _StoredLevel | None = None
-        self._fast = np.zeros(n, dtype=bool)
-        if not problem and n:
-            stored = _StoredLevel(slide, self.level, slide.tiff_page(self.level))
-            if shape[0] % stored.tile_h or shape[1] % stored.tile_w:
-                problem = (
-                    f"the tiles ({shape[0]}x{shape[1]}) are not a multiple of the stored "
-                    f"tiles ({stored.tile_h}x{stored.tile_w})"
-                )
-            else:
-                self._stored = stored
-                self._fast = (self._origins[:, 0] % stored.tile_h == 0) & (
-                    self._origins[:, 1] % stored.tile_w == 0
-                )
-        n_fast = int(self._fast.sum())
-        self.stats = StreamStats(tiles=n, fast=n_fast, general=n - n_fast, fast_path=problem)
+        # Decide how each box is read. The caches hold what the boxes in progress at once
+        # need (for cache_nbytes): one at a time with one thread, else the chunks of up
+        # to two batches.
+        window = 1 if self.workers == 1 else 2 * self.batch_size
+        problem = stored_tiles_problem(slide, self.level) if n else ""
+        self._stored: StoredLevel | None = None
+        self._tile_plan: TilePlan | None = None
+        self._bands: _BandPlan | None = None
+        self._route = np.full(n, _BANDED, dtype=np.int8)
+        if n and not problem:
+            self._stored = StoredLevel(slide, self.level, slide.tiff_page(self.level))
+            self._tile_plan = self._stored.plan(self._origins, shape, window)
+            self._route[:] = np.where(self._tile_plan.direct, _DIRECT, _ASSEMBLED)
+        elif n:
+            pixel_nbytes = math.prod(self.pixel_shape[2:]) * self.dtype.itemsize
+            self._bands = _plan_bands(self._origins, shape, pixel_nbytes, window)
+        counts = np.bincount(self._route, minlength=3)
+        self.stats = StreamStats(
+            tiles=n,
+            direct=int(counts[_DIRECT]),
+            assembled=int(counts[_ASSEMBLED]),
+            banded=int(counts[_BANDED]),
+            stored_tiles=self._tile_plan.needed if self._tile_plan else 0,
+            bands=len(self._bands.first) if self._bands else 0,
+            fast_path=problem,
+        )
 
     # -- sizes -----------------------------------------------------------------------
     @property
@@ -549,11 +486,24 @@ class TileStream:
         """Bytes of one full batch of pixels (before ``transform``)."""
         return self.batch_size * math.prod(self.pixel_shape) * self.dtype.itemsize
 
+    @property
+    def cache_nbytes(self) -> int:
+        """Most bytes of decoded stored tiles or bands a pass holds for these boxes.
+
+        Counts what the boxes in their order need, up to ``cache_bytes`` for stored
+        tiles; see the module's notes for what comes on top.
+        """
+        if self._tile_plan is not None:
+            needed = self._tile_plan.peak_tiles * self._stored.tile_nbytes
+            return min(needed, self.cache_bytes)
+        return self._bands.peak_nbytes if self._bands is not None else 0
+
     def __repr__(self) -> str:
         return (
             f"TileStream({self.slide.path}, level={self.level}, tiles={self.n_tiles}, "
             f"batches={len(self)}, tile_shape={self.tile_shape}, workers={self.workers}, "
-            f"prefetch={self.prefetch}, fast={self.stats.fast}, general={self.stats.general})"
+            f"prefetch={self.prefetch}, direct={self.stats.direct}, "
+            f"assembled={self.stats.assembled}, banded={self.stats.banded})"
         )
 
     # -- iteration -------------------------------------------------------------------
@@ -583,8 +533,18 @@ class TileStream:
                     "this TileStream is already being iterated; finish or close() that "
                     "loop first, or make a second TileStream"
                 )
-            path = self.slide.path if self.stats.fast else None
+            path = self.slide.path if self._stored is not None else None
             current = _Pass(self.workers, path, f"tilestream-{id(self):x}")
+            if self._tile_plan is not None:
+                current.tiles = SharedPieces(
+                    self._tile_plan.uses,
+                    self.cache_bytes,
+                    last=self._tile_plan.last,
+                    new_buffer=self._stored.new_tile,
+                    spares=spare_tiles(self.workers),
+                )
+            if self._bands is not None:
+                current.bands = SharedPieces(self._bands.uses, math.inf)
             self._pass = current
         ahead = self.prefetch
         try:
@@ -637,7 +597,7 @@ class TileStream:
         if out is None:
             shape = (hi - lo, *self.pixel_shape)
             if self._stored is not None and self._stored.direct_jpeg:
-                out = _offset_empty(shape, self.dtype, _JPEG_ROW_OFFSET)
+                out = offset_empty(shape, self.dtype, stored_tiles.JPEG_ROW_OFFSET)
             else:
                 out = np.empty(shape, dtype=self.dtype)
         batch = _Batch(number, indices, self.boxes[lo:hi], out)
@@ -646,6 +606,9 @@ class TileStream:
         size = hi - lo
         chunks = min(size, self.workers)
         bounds = [size * i // chunks for i in range(chunks + 1)]
+        if self._bands is not None:
+            bounds = _band_bounds(bounds, self._bands.of_box[lo:hi])
+            chunks = len(bounds) - 1
         batch.pending = chunks
         tasks: list[Future] = []
         current.pending.append((batch, tasks))
@@ -662,31 +625,35 @@ class TileStream:
 
     def _fill(self, current: _Pass, batch: _Batch, start: int, stop: int) -> None:
         """Worker task: read tiles start:stop of a batch into its array."""
-        slide, level, stored = self.slide, self.level, self._stored
-        fast = self._fast[batch.indices]
+        stored = self._stored
+        route = self._route[batch.indices]
         j = start
         try:
             while j < stop:
                 if current.stop.is_set() or batch.errors:
                     break  # closed, or another chunk of this batch already failed
-                if fast[j]:
-                    # A run of fast-path boxes goes to the stored level in one call so
-                    # that neighbouring tiles share reads; runs stay short so that a
+                kind = route[j]
+                if kind != _BANDED:
+                    # A run of boxes goes to the stored level in one call so that
+                    # neighbouring boxes share reads and tiles; runs stay short so that a
                     # close() is noticed quickly.
                     k = j + 1
-                    while k < stop and k - j < _RUN and fast[k]:
+                    while k < stop and k - j < _RUN and route[k] == kind:
                         k += 1
-                    origins = self._origins[batch.indices[j:k]]
+                    out, origins = batch.out[j:k], self._origins[batch.indices[j:k]]
                     try:
-                        stored.read_boxes(batch.out[j:k], origins, current.fd, current.file_size)
-                    except _TileFailure as failure:
+                        if kind == _DIRECT:
+                            stored.read_boxes(out, origins, current.fd, current.file_size)
+                        else:
+                            stored.assemble_boxes(
+                                out, origins, current.fd, current.file_size, current.tiles
+                            )
+                    except TileFailure as failure:
                         j += failure.position
                         raise failure.error from None
                     j = k
                 else:
-                    x, y, w, h = batch.boxes[j].tolist()
-                    batch.out[j] = slide.read_region(level, x, y, w, h)
-                    j += 1
+                    j = self._cut_band(current, batch, j, stop)
         except BaseException as exc:
             with batch.lock:
                 batch.errors.append((j, exc))
@@ -695,6 +662,51 @@ class TileStream:
             last = batch.pending == 0
         if last:
             self._finish(current, batch)
+
+    def _cut_band(self, current: _Pass, batch: _Batch, j: int, stop: int) -> int:
+        """Cut the batch's boxes j, j+1, ... of one band from it; return the next box."""
+        plan, cache = self._bands, current.bands
+        band = int(plan.of_box[batch.indices[j]])
+        k = j + 1
+        while k < stop and plan.of_box[batch.indices[k]] == band:
+            k += 1
+        counts = {band: k - j}
+        pieces, mine = cache.claim(counts)
+        piece = pieces[band]
+        try:
+            if mine:
+                pixels, error = None, RuntimeError("reading the band was interrupted")
+                try:
+                    pixels, error = self._read_band(band), None
+                except Exception as exc:  # SlideError, or whatever the reader raised
+                    error = exc
+                finally:
+                    cache.fill(piece, pixels, error)
+            cache.wait(piece)
+            if piece.error is None:
+                x0, width = int(plan.x0[band]), self.tile_shape[1]
+                for p in range(j, k):
+                    x = int(self._origins[batch.indices[p], 1]) - x0
+                    batch.out[p] = piece.pixels[:, x : x + width]
+        finally:
+            cache.release(pieces, counts)
+        if piece.error is not None:
+            raise piece.error
+        return k
+
+    def _read_band(self, band: int) -> np.ndarray:
+        """Read one band with Slide.read_region: its boxes' rows, its columns."""
+        plan = self._bands
+        x, y, _, h = self.boxes[plan.first[band]].tolist()
+        columns = int(plan.width[band])
+        width = _level0_width(columns, self._scale[1])
+        pixels = self.slide.read_region(self.level, x, y, width, h)
+        if pixels.shape[0] != self.tile_shape[0] or pixels.shape[1] < columns:
+            raise RuntimeError(
+                f"Slide.read_region gave {pixels.shape[:2]} pixels for a band of "
+                f"{self.tile_shape[0]} x {columns}"
+            )
+        return pixels
 
     def _finish(self, current: _Pass, batch: _Batch) -> None:
         """Runs in the worker that completes a batch: transform it and hand it over."""
@@ -712,6 +724,19 @@ class TileStream:
             batch.future.set_exception(exc)
             return
         batch.future.set_result(TileBatch(pixels=pixels, boxes=batch.boxes, indices=batch.indices))
+
+
+def _band_bounds(bounds: list[int], of_box: np.ndarray) -> list[int]:
+    """Chunk bounds of a batch moved to the nearest band boundaries.
+
+    A band is read by the chunk that first needs it while the others that share it wait,
+    so chunks of whole bands keep the threads on different bands.
+    """
+    starts = np.flatnonzero(of_box[1:] != of_box[:-1]) + 1
+    if not len(starts):
+        return [0, len(of_box)]
+    inner = {int(starts[np.abs(starts - b).argmin()]) for b in bounds[1:-1]}
+    return [0, *sorted(inner), len(of_box)]
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
