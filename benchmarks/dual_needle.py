@@ -46,20 +46,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from napari_slide_attention.models.checkpoint import load_model
+from napari_slide_attention.inference import predict
+from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.models.checkpoint import read_checkpoint
+from napari_slide_attention.models.dual_attention import DualAttentionConfig
 from napari_slide_attention.models.sampling import random_tiles
-from napari_slide_attention.progress import run_to_end
 from napari_slide_attention.slide.reader import open_slide
+from napari_slide_attention.slide.sampling import read_view, tile_edge_px
 from napari_slide_attention.train.cohort import make_synthetic_cohort
-from napari_slide_attention.train.data import read_view, tile_edge_px
-from napari_slide_attention.train.dual import (
-    CPU_PRESET,
-    DualTrainSettings,
-    predict_slide_dual,
-    train_dual,
-)
-from napari_slide_attention.train.metrics import evaluate
-from napari_slide_attention.train.sliding_window import predict_slide_sliding_window
+from napari_slide_attention.train.dual import CPU_PRESET, DualTrainSettings, train_dual
+from napari_slide_attention.train.evaluate import evaluate_models
 from needle import COHORT, PER_CLASS, report_checks
 
 # The dual model's settings for 0.5 µm/px synthetic slides on a CPU (fixed before the
@@ -254,48 +250,52 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     hit_rates = {}
     for name, (path, sampler) in trained.items():
-        model, checkpoint = load_model(path, "cpu")
-        truth, preds, probs, hits, masses = [], [], [], [], []
-        t = time.perf_counter()
-        for k, entry in enumerate(test):
-            result = run_to_end(predict_slide_dual(model, entry.slide, sampler=sampler, seed=k))
-            truth.append(entry.label)
-            preds.append(result.predicted)  # the most frequent tile class
-            probs.append(result.probabilities.astype(np.float64))
-            if entry.lesions:
+        hits, masses = [], []
+
+        def sampled(model, entry, k, sampler=sampler):
+            return predict(model, entry.slide, device=args.device, sampler=sampler, seed=k)
+
+        def lesion_hits(event, sampler=sampler, hits=hits, masses=masses) -> None:
+            entry = event.data.get("entry")
+            if event.stage == "slide" and entry.lesions:
+                result = event.data["result"]
                 boxes = result.arrays["tile_boxes"]
                 hits.append(np.mean([_overlaps(b, entry.lesions) for b in boxes]))
                 if sampler == "attention":
                     masses.append(attention_on_lesions(result, entry.lesions))
-        p = np.stack(probs)
-        table[name] = evaluate(truth, preds, p / p.sum(1, keepdims=True), classes=cohort.classes)
+
+        t = time.perf_counter()
+        # the slide's call is the most frequent tile class
+        work = evaluate_models(
+            {name: path}, cohort, "test", device=args.device, predict_slide=sampled
+        )
+        evaluation = run_to_end(work, lesion_hits).models[name]
+        table[name] = evaluation.metrics
         hit_rates[name] = float(np.mean(hits)) if hits else float("nan")
         report["models"][name] = {
             "metrics": table[name].to_dict(),
             "hit_rate": hit_rates[name],
-            "epochs": checkpoint.extra.get("epoch", -1) + 1,
+            "epochs": evaluation.extra.get("epoch", -1) + 1,
             "soft_attention_on_lesions": _mean_pair(masses),
             "test_seconds": time.perf_counter() - t,
         }
 
     sw_path = args.dir / "run-sliding-window" / "best.safetensors"
+    sw_name = "sliding window (top-15 mean)"
     if sw_path.exists():
-        model, _ = load_model(sw_path, "cpu")
-        truth, preds, probs = [], [], []
         t = time.perf_counter()
-        for entry in test:
-            result = run_to_end(
-                predict_slide_sliding_window(model, entry.slide, aggregation="top-k-mean")
-            )
-            truth.append(entry.label)
-            preds.append(result.predicted)
-            probs.append(result.probabilities.astype(np.float64))
-        p = np.stack(probs)
-        table["sliding window (top-15 mean)"] = evaluate(
-            truth, preds, p / p.sum(1, keepdims=True), classes=cohort.classes
+        work = evaluate_models(
+            {sw_name: sw_path},
+            cohort,
+            "test",
+            device=args.device,
+            predict_slide=lambda model, entry, k: predict(
+                model, entry.slide, device=args.device, aggregation="top-k-mean"
+            ),
         )
-        report["models"]["sliding window (top-15 mean)"] = {
-            "metrics": table["sliding window (top-15 mean)"].to_dict(),
+        table[sw_name] = run_to_end(work).models[sw_name].metrics
+        report["models"][sw_name] = {
+            "metrics": table[sw_name].to_dict(),
             "checkpoint": str(sw_path),
             "test_seconds": time.perf_counter() - t,
         }
@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sliding window: {sw_path} not found (run benchmarks/needle.py first); skipped")
 
     # the random sampler's expected hit rate on the dual model's geometry
-    config = load_model(trained["dual attention"][0], "cpu")[0].config
+    config = DualAttentionConfig.from_dict(
+        read_checkpoint(trained["dual attention"][0], tensors=False).config
+    )
     chance = float(
         np.mean(
             [

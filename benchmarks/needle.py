@@ -39,13 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_slide_attention.inference import predict
-from napari_slide_attention.models.checkpoint import load_model
-from napari_slide_attention.progress import run_to_end
-from napari_slide_attention.slide.reader import open_slide
+from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.slide.boxes import box_cells
 from napari_slide_attention.train.cohort import make_synthetic_cohort
-from napari_slide_attention.train.data import box_cells
-from napari_slide_attention.train.metrics import evaluate, format_table2
+from napari_slide_attention.train.evaluate import evaluate_models
+from napari_slide_attention.train.metrics import format_table2
 
 # Fixed before any model ran; documented in docs/benchmarks.md.
 COHORT = {
@@ -197,30 +195,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         runs[name] = run_dir / "best.safetensors"
 
-    test = cohort.split("test")
     table = {}
     report: dict = {"cohort": {**COHORT, "per_class": per}, "shared": shared, "models": {}}
     for name, path in runs.items():
-        model, checkpoint = load_model(path, "cpu" if args.device == "auto" else args.device)
-        truth, preds, probs, locs = [], [], [], []
-        t = time.perf_counter()
-        for entry in test:
-            with open_slide(entry.slide) as slide:
-                result = run_to_end(predict(model, slide, device=args.device))
-            truth.append(entry.label)
-            preds.append(result.predicted)
-            probs.append(result.probabilities.astype(np.float64))
-            if name == "grid" and entry.lesions:
-                loc = localisation(result, entry.lesions, args.top_maps)
+        locs = []
+
+        def localise(event, name=name, locs=locs) -> None:
+            entry = event.data.get("entry")
+            if event.stage == "slide" and name == "grid" and entry.lesions:
+                loc = localisation(event.data["result"], entry.lesions, args.top_maps)
                 if loc:
                     locs.append(loc)
-        p = np.stack(probs)
-        metrics = evaluate(truth, preds, p / p.sum(1, keepdims=True), classes=cohort.classes)
-        table[name] = metrics
+
+        t = time.perf_counter()
+        work = evaluate_models({name: path}, cohort, "test", device=args.device)
+        evaluation = run_to_end(work, localise).models[name]
+        table[name] = evaluation.metrics
         entry_report = {
-            "metrics": metrics.to_dict(),
+            "metrics": evaluation.metrics.to_dict(),
             "checkpoint": str(path),
-            "epochs": checkpoint.extra.get("epoch", -1) + 1,
+            "epochs": evaluation.extra.get("epoch", -1) + 1,
             "test_seconds": time.perf_counter() - t,
         }
         if locs:

@@ -48,20 +48,18 @@ class ProgressPrinter:
 
     Args:
         quiet: print nothing.
-        stages: print only these stages (None: all).
 
     Attributes:
         live: a live line is on the screen (the next line must start afresh).
     """
 
-    def __init__(self, quiet: bool = False, stages: tuple[str, ...] | None = None):
+    def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.stages = stages
         self.tty = sys.stderr.isatty()
         self.live = False
 
     def __call__(self, event: Progress) -> None:
-        if self.quiet or (self.stages is not None and event.stage not in self.stages):
+        if self.quiet:
             return
         if event.stage in _LIVE_STAGES:
             if self.tty:

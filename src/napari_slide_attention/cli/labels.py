@@ -23,6 +23,7 @@ def _existing_store(path: str):
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
+    """Writes a label store's regions as GeoJSON or its labels as CSV; returns the status."""
     if args.slide and not args.geojson:
         raise ValueError("--slide works with --geojson only (the CSV has every slide)")
     with _existing_store(args.store) as store:
@@ -36,6 +37,8 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> int:
+    """Adds the regions of a GeoJSON file to a label store; returns the exit status."""
+
     from ..labels import LabelStore
 
     store_path = Path(args.store)
@@ -90,6 +93,8 @@ def _state_text(target: str, state: dict[str, Any] | None) -> str:
 
 
 def cmd_labels_show(args: argparse.Namespace) -> int:
+    """Prints a label store's labels, regions and history as tables; returns the status."""
+
     from ..labels import slide_key
 
     with _existing_store(args.store) as store:

@@ -29,6 +29,8 @@ def open_slide(path: str, mpp: float | None):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """Prints a slide's facts (text or JSON); returns the exit status."""
+
     from ..slide.tissue import tissue_mask
 
     slide = open_slide(args.slide, args.mpp)
@@ -75,6 +77,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    """Writes a synthetic slide and its truth; returns the exit status."""
+
     from ..slide.synthetic import write_synthetic_slide
 
     width, height = args.size
@@ -95,6 +99,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_cohort(args: argparse.Namespace) -> int:
+    """Writes a cohort of synthetic slides and its CSV; returns the exit status."""
+
     from ..train.cohort import make_synthetic_cohort
 
     per = {}
@@ -116,6 +122,7 @@ def cmd_synth_cohort(args: argparse.Namespace) -> int:
 
 
 def cmd_tissue(args: argparse.Namespace) -> int:
+    """Writes a slide's tissue mask as a PNG and prints its pieces; returns the exit status."""
     import imagecodecs
     import numpy as np
 
@@ -151,6 +158,8 @@ def cmd_tissue(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Opens the sample slide in napari (headless: screenshots, report); returns the status."""
+
     from .._napari.demo import run_demo
 
     return run_demo(out=Path(args.out), headless=args.headless, size=args.size)

@@ -175,7 +175,8 @@ def evaluate_models(
         split: "train", "val" or "test".
         device: where the models run ("auto", "cpu", "cuda").
         tissue: ``TissueParams`` for the prediction (None: its defaults).
-        mpp: override of the slides' µm per pixel (None: the slides' own).
+        mpp: override of the slides' µm per pixel (None: the cohort's, where its entries
+            have one, else the slides' own).
         predict_slide: ``(model, entry, index) -> job generator returning a SlideResult``
             instead of ``inference.predict(model, entry.slide, device=, tissue=, mpp=)``.
 
@@ -197,6 +198,8 @@ def evaluate_models(
     if not entries:
         where = cohort.path if cohort.path is not None else "the cohort"
         raise ValueError(f"{where}: the {split!r} split has no slides")
+    if isinstance(models, str | os.PathLike):
+        models = [models]
     sources = list(models.items()) if isinstance(models, Mapping) else [(None, m) for m in models]
     if predict_slide is None:
         predict_slide = _default_predictor(device, tissue, mpp)
@@ -504,6 +507,8 @@ def _default_predictor(device: str, tissue: Any, mpp: float | None) -> SlidePred
     def predict_slide(model: Any, entry: CohortEntry, index: int):
         from ..inference import predict
 
+        if entry.mpp is not None and "mpp" not in options:  # the cohort's override
+            return predict(model, entry.slide, **options, mpp=entry.mpp)
         return predict(model, entry.slide, **options)
 
     return predict_slide
