@@ -1,7 +1,10 @@
-"""Pure functions from slides (and later model results) to napari layer data tuples.
+"""Pure functions from slides and model results to napari layer data tuples.
 
 Tested without a viewer. One place decides coordinates: slide level-0 pixels,
 shown in micrometres with the slide's mpp (pixels when the mpp is unknown).
+``result_layer_data`` gives every overlay of a result by role; the session (after a
+run, or a result opened from the Model panel) and the reader (a dropped result folder)
+both show a result through it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ def slide_scale(slide: Slide) -> tuple[tuple[float, float], tuple[str, str]]:
     if slide.mpp is None:
         return (1.0, 1.0), ("pixel", "pixel")
     return (slide.mpp[1], slide.mpp[0]), ("µm", "µm")
+
+
+def result_scale(result: Any) -> tuple[tuple[float, float], tuple[str, str]]:
+    """Return the (y, x) scale and units of the slide a result was made on (its
+    ``slide_info["mpp"]``), for showing a result whose slide is not open."""
+    mpp = (getattr(result, "slide_info", None) or {}).get("mpp")
+    if not mpp:
+        return (1.0, 1.0), ("pixel", "pixel")
+    return (float(mpp[1]), float(mpp[0])), ("µm", "µm")
 
 
 def slide_layer_data(slide: Slide, name: str | None = None) -> list[tuple[Any, dict, str]]:
@@ -87,32 +99,16 @@ def attention_layer_data(
     pieces = [p for p in result.pieces if p.maps is not None]
     if not pieces:
         raise ValueError("the result has no attention maps")
-    tile = pieces[0].tile_size
-    if any(p.tile_size != tile for p in pieces):
-        raise ValueError("the pieces' grids have different tile sizes")
-    n_maps = pieces[0].maps.shape[0]
-    r0 = min(p.grid_origin[1] // tile for p in pieces)
-    c0 = min(p.grid_origin[0] // tile for p in pieces)
-    r1 = max(p.grid_origin[1] // tile + p.maps.shape[1] for p in pieces)
-    c1 = max(p.grid_origin[0] // tile + p.maps.shape[2] for p in pieces)
-    data = np.zeros((n_maps, r1 - r0, c1 - c0), dtype=np.float32)  # (m, rows, cols)
+    stacks = []
     for p in pieces:
         peak = p.maps.max(axis=(1, 2), keepdims=True)
-        maps = np.divide(p.maps, peak, out=np.zeros_like(p.maps), where=peak > 0)
-        r, c = p.grid_origin[1] // tile - r0, p.grid_origin[0] // tile - c0
-        h, w = p.maps.shape[1:]
-        region = data[:, r : r + h, c : c + w]
-        np.maximum(region, maps, out=region)  # neighbouring pieces' grids may share cells
+        stacks.append(np.divide(p.maps, peak, out=np.zeros_like(p.maps), where=peak > 0))
+    data, tile, (r0, c0), translate, cell = _on_lattice(pieces, stacks, scale)  # (m, rows, cols)
     order, weights = map_ranking(result)
-    sy, sx = scale
-    # A cell covers level-0 px [a, a + tile); its centre in napari's pixel-centre world
-    # coordinates is (a + tile / 2 - 0.5) * mpp.
-    y0 = (r0 * tile + tile / 2 - 0.5) * sy
-    x0 = (c0 * tile + tile / 2 - 0.5) * sx
     kwargs = {
         "name": f"attention maps ({result.predicted_class})",
-        "scale": (1.0, tile * sy, tile * sx),
-        "translate": (0.0, y0, x0),
+        "scale": (1.0, *cell),
+        "translate": (0.0, *translate),
         "units": ("pixel", *units),
         "axis_labels": ("map", "y", "x"),
         "colormap": "inferno",
@@ -129,6 +125,85 @@ def attention_layer_data(
         },
     }
     return data[order], kwargs, "image"
+
+
+def _on_lattice(
+    pieces: list[Any], stacks: list[np.ndarray], scale: tuple[float, float]
+) -> tuple[np.ndarray, int, tuple[int, int], tuple[float, float], tuple[float, float]]:
+    """Place each piece's (n, H', W') grid arrays into one (n, rows, cols) array on the
+    slide-wide tile lattice (the maximum where neighbouring pieces' grids share cells).
+
+    Returns:
+        The array, the tile size, the lattice (row, col) of its first cell, and the world
+        (y, x) translate and scale of a layer showing it (one pixel per cell).
+
+    Raises:
+        ValueError: the pieces' grids have different tile sizes.
+    """
+    tile = pieces[0].tile_size
+    if any(p.tile_size != tile for p in pieces):
+        raise ValueError("the pieces' grids have different tile sizes")
+    r0 = min(p.grid_origin[1] // tile for p in pieces)
+    c0 = min(p.grid_origin[0] // tile for p in pieces)
+    r1 = max(p.grid_origin[1] // tile + a.shape[1] for p, a in zip(pieces, stacks, strict=True))
+    c1 = max(p.grid_origin[0] // tile + a.shape[2] for p, a in zip(pieces, stacks, strict=True))
+    data = np.zeros((stacks[0].shape[0], r1 - r0, c1 - c0), dtype=np.float32)
+    for p, a in zip(pieces, stacks, strict=True):
+        r, c = p.grid_origin[1] // tile - r0, p.grid_origin[0] // tile - c0
+        h, w = a.shape[1:]
+        region = data[:, r : r + h, c : c + w]
+        np.maximum(region, a, out=region)
+    sy, sx = scale
+    # A cell covers level-0 px [a, a + tile); its centre in napari's pixel-centre world
+    # coordinates is (a + tile / 2 - 0.5) * mpp.
+    translate = ((r0 * tile + tile / 2 - 0.5) * sy, (c0 * tile + tile / 2 - 0.5) * sx)
+    return data, int(tile), (int(r0), int(c0)), translate, (tile * sy, tile * sx)
+
+
+def tile_probabilities_layer_data(
+    result: Any, scale: tuple[float, float], units: tuple[str, str] = ("µm", "µm")
+) -> tuple[np.ndarray, dict, str]:
+    """The tile class probabilities of a sliding-window result as one image over the slide.
+
+    One slice per class (the slider picks the class), each piece's
+    ``arrays["tile_probabilities"]`` (C, H', W') placed on the slide-wide tile lattice at
+    grid resolution like the attention maps; tiles off the tissue (NaN) show as 0.
+
+    Args:
+        result: a sliding-window ``SlideResult`` (or a ``PartialResult``).
+        scale: level-0 (y, x) µm per pixel of the slide layer.
+        units: the slide layer's units.
+
+    Raises:
+        ValueError: the result has no tile probabilities.
+    """
+    pieces = [p for p in result.pieces if "tile_probabilities" in p.arrays]
+    if not pieces:
+        raise ValueError(f"the result of {result.slide} has no tile probabilities")
+    stacks = [
+        np.nan_to_num(np.asarray(p.arrays["tile_probabilities"], np.float32), nan=0.0)
+        for p in pieces
+    ]
+    data, tile, (r0, c0), translate, cell = _on_lattice(pieces, stacks, scale)  # (C, rows, cols)
+    kwargs = {
+        "name": f"tile probabilities ({result.predicted_class})",
+        "scale": (1.0, *cell),
+        "translate": (0.0, *translate),
+        "units": ("pixel", *units),
+        "axis_labels": ("class", "y", "x"),
+        "colormap": "viridis",
+        "opacity": 0.5,
+        "blending": "additive",
+        "contrast_limits": (0.0, 1.0),
+        "metadata": {
+            "classes": list(result.classes),
+            "predicted": result.predicted_class,
+            "predicted_index": int(result.predicted),
+            "tile_size": tile,
+            "origin": (c0 * tile, r0 * tile),
+        },
+    }
+    return data, kwargs, "image"
 
 
 def map_ranking(result: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -350,6 +425,47 @@ def glimpse_layer_data(
         (world.reshape(-1, 2), point_kwargs, "points"),
         (boxes_to_rectangles(boxes.reshape(-1, 4), scale), field_kwargs, "shapes"),
     ]
+
+
+# The roles of the layers a result makes, in the order they are shown.
+RESULT_ROLES = (
+    "attention",
+    "tile probabilities",
+    "soft attention",
+    "sampled tiles",
+    "glimpse paths",
+    "glimpses",
+    "glimpse fields",
+)
+
+
+def result_layer_data(
+    result: Any, scale: tuple[float, float], units: tuple[str, str] = ("µm", "µm")
+) -> list[tuple[str, tuple[Any, dict, str]]]:
+    """Every overlay of a result as (role, layer data tuple), in ``RESULT_ROLES`` order.
+
+    Grid attention: the attention maps; sliding window: the tile probabilities; dual
+    attention: the soft attention (hidden at first), sampled tiles, glimpse paths,
+    glimpses and glimpse fields. A result made of pieces so far (``PartialResult``) gives
+    what its pieces have.
+
+    Args:
+        result: a ``SlideResult`` of any kind (or a ``PartialResult``).
+        scale: level-0 (y, x) µm per pixel of the slide layer.
+        units: the slide layer's units.
+    """
+    layers: list[tuple[str, tuple[Any, dict, str]]] = []
+    if any(p.maps is not None for p in result.pieces):
+        layers.append(("attention", attention_layer_data(result, scale, units)))
+    if any("tile_probabilities" in p.arrays for p in result.pieces):
+        layers.append(("tile probabilities", tile_probabilities_layer_data(result, scale, units)))
+    if "soft_attention" in (getattr(result, "arrays", None) or {}):
+        data, kwargs, kind = soft_attention_layer_data(result, scale, units)
+        layers.append(("soft attention", (data, {**kwargs, "visible": False}, kind)))
+        layers.append(("sampled tiles", sampled_tiles_layer_data(result, scale, units)))
+        roles = ("glimpse paths", "glimpses", "glimpse fields")
+        layers.extend(zip(roles, glimpse_layer_data(result, scale, units), strict=True))
+    return layers
 
 
 def geometry_to_world(vertices: Any, scale: tuple[float, float]) -> np.ndarray:

@@ -6,6 +6,11 @@ to each other, so each panel works alone (a test may open just one) and all of t
 work together. The session owns the layers it makes, by role ("slide", "attention",
 "sampled tiles", ...): showing a new result replaces its layers in place, so a
 user's opacity or colormap choice survives the next run.
+
+Layers the reader makes are adopted by their metadata: an image with ``"slide"`` becomes
+the session's slide (a dropped slide), and the overlays of a dropped result folder
+(``"result"``, ``"result_role"``) become the result's layers, so the panels treat a
+dropped result as if it had just been run.
 """
 
 from __future__ import annotations
@@ -22,14 +27,7 @@ from psygnal import Signal
 
 from ..slide.reader import Slide, open_slide
 from ..slide.tissue import TissueParams
-from .layers import (
-    attention_layer_data,
-    glimpse_layer_data,
-    sampled_tiles_layer_data,
-    slide_layer_data,
-    slide_scale,
-    soft_attention_layer_data,
-)
+from .layers import RESULT_ROLES, result_layer_data, result_scale, slide_layer_data, slide_scale
 
 if TYPE_CHECKING:
     import napari
@@ -38,17 +36,7 @@ if TYPE_CHECKING:
     from ..results import PieceResult, SlideResult
     from ..train.cohort import Cohort
 
-__all__ = ["PartialResult", "Session", "connect_while_alive", "session_for"]
-
-# The roles of the layers a result makes (removed when the next slide opens).
-RESULT_ROLES = (
-    "attention",
-    "soft attention",
-    "sampled tiles",
-    "glimpse paths",
-    "glimpses",
-    "glimpse fields",
-)
+__all__ = ["RESULT_ROLES", "PartialResult", "Session", "connect_while_alive", "session_for"]
 
 
 @dataclass
@@ -101,7 +89,10 @@ class Session:
         self.checkpoints: list[str] = []
         self.tissue: TissueParams | None = None
         self._layers: dict[str, Any] = {}
+        self._arriving: SlideResult | None = None  # a dropped result whose layers come in
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        for layer in list(viewer.layers):  # dropped before any panel made the session
+            self._adopt(layer)
 
     @property
     def camera(self):
@@ -112,12 +103,20 @@ class Session:
     # -- coordinates -----------------------------------------------------------------
     @property
     def scale(self) -> tuple[float, float]:
-        """Level-0 (y, x) world units (µm, or px without an mpp) per pixel of the slide."""
-        return slide_scale(self.slide)[0] if self.slide is not None else (1.0, 1.0)
+        """Level-0 (y, x) world units (µm, or px without an mpp) per pixel of the slide
+        (without a slide, of the slide the result on show was made on)."""
+        return self._geometry(self.result)[0]
 
     @property
     def units(self) -> tuple[str, str]:
-        return slide_scale(self.slide)[1] if self.slide is not None else ("pixel", "pixel")
+        return self._geometry(self.result)[1]
+
+    def _geometry(self, result: Any) -> tuple[tuple[float, float], tuple[str, str]]:
+        if self.slide is not None:
+            return slide_scale(self.slide)
+        if result is not None and hasattr(result, "slide_info"):
+            return result_scale(result)
+        return (1.0, 1.0), ("pixel", "pixel")
 
     def to_world(self, x: float, y: float) -> tuple[float, float]:
         """Level-0 pixel (x, y) -> world (y, x), the slide layer's coordinates."""
@@ -142,7 +141,9 @@ class Session:
         """Show ``data`` as the layer of ``role``: update it in place when it is there
         (keeping the user's display choices), else add it."""
         layer = self.layer(role)
-        if layer is not None and type(layer).__name__.lower() == kind:
+        # __class__, not type(): a panel's viewer is napari's PublicOnlyProxy, and so are
+        # the layers made through it
+        if layer is not None and layer.__class__.__name__.lower() == kind:
             with self.viewer.layers.events.blocker():
                 self._update(layer, data, kwargs, kind)
             return layer
@@ -183,7 +184,11 @@ class Session:
         Raises:
             SlideError: the file is not a slide this plugin reads (the message names it).
         """
-        slide = open_slide(path, mpp=mpp)
+        return self.show_slide(open_slide(path, mpp=mpp))
+
+    def show_slide(self, slide: Slide) -> Slide:
+        """Show an opened slide (replacing the previous one and its overlays); the
+        session owns it from here and closes it when the next slide opens."""
         ((data, kwargs, _),) = slide_layer_data(slide)
         self._forget_slide()
         self.slide = slide
@@ -207,43 +212,70 @@ class Session:
         self.slide = None
 
     def _on_layer_inserted(self, event) -> None:
+        self._adopt(event.value)
+
+    def _adopt(self, layer) -> None:
         """A slide opened through the reader (File > Open, drag and drop) becomes the
-        session's slide."""
-        layer = event.value
-        slide = getattr(layer, "metadata", {}).get("slide")
-        if not isinstance(slide, Slide) or slide is self.slide:
+        session's slide; the overlays of a dropped result folder become its result's
+        layers, and once all of them are in, the result on show."""
+        metadata = getattr(layer, "metadata", None) or {}
+        slide = metadata.get("slide")
+        if isinstance(slide, Slide) and slide is not self.slide:
+            self._forget_slide()
+            self.slide = slide
+            self._layers["slide"] = layer
+            self.slide_opened.emit(slide)
+        result = metadata.get("result")
+        if result is None or result is self.result:
             return
-        self._forget_slide()
-        self.slide = slide
-        self._layers["slide"] = layer
-        self.slide_opened.emit(slide)
+        role = metadata.get("result_role")
+        if role is not None:
+            if self._arriving is not result:
+                self._arriving = result
+                # Without its slide (the reader did not find it) the overlays do not
+                # belong over the slide on show: let it go as a new slide would.
+                if self.slide is not None and not _shows(self.layer("slide"), result):
+                    self._forget_slide()
+                self.remove_layers(*RESULT_ROLES)  # the previous result's overlays
+            previous = self.layer(role)
+            if previous is not None and previous is not layer:
+                self.viewer.layers.remove(previous)
+            self._layers[role] = layer
+            self._start_slider(role, layer)
+        roles = metadata.get("result_roles", ())
+        if all(_shows(self.layer(r), result) for r in roles):
+            self._arriving = None
+            self.result = result
+            self.result_shown.emit(result)
 
     # -- results ---------------------------------------------------------------------
     def show_result(self, result: SlideResult | PartialResult) -> None:
         """Show a model's result as layers over the slide (grid: the attention maps;
-        dual: soft attention, sampled tiles and glimpses)."""
-        scale, units = self.scale, self.units
-        arrays = getattr(result, "arrays", {})
-        if any(p.maps is not None for p in result.pieces):
-            new = self.layer("attention") is None
-            layer = self.set_layer("attention", *attention_layer_data(result, scale, units))
-            if new:  # napari starts the map slider in the middle: show the strongest map
-                self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, 0)
-        else:
-            self.remove_layers("attention")
-        if "soft_attention" in arrays:
-            data, kwargs, kind = soft_attention_layer_data(result, scale, units)
-            self.set_layer("soft attention", data, {**kwargs, "visible": False}, kind)
-            self.set_layer("sampled tiles", *sampled_tiles_layer_data(result, scale, units))
-            roles = ("glimpse paths", "glimpses", "glimpse fields")
-            for role, layer_data in zip(
-                roles, glimpse_layer_data(result, scale, units), strict=True
-            ):
-                self.set_layer(role, *layer_data)
-        else:
-            self.remove_layers(*RESULT_ROLES[1:])
+        sliding window: the tile probabilities; dual: soft attention, sampled tiles and
+        glimpses), replacing the previous result's layers in place."""
+        scale, units = self._geometry(result)
+        shown = []
+        for role, (data, kwargs, kind) in result_layer_data(result, scale, units):
+            new = self.layer(role) is None
+            layer = self.set_layer(role, data, kwargs, kind)
+            if new:
+                self._start_slider(role, layer)
+            shown.append(role)
+        self.remove_layers(*(role for role in RESULT_ROLES if role not in shown))
+        self._arriving = None
         self.result = result
         self.result_shown.emit(result)
+
+    def _start_slider(self, role: str, layer) -> None:
+        """napari starts a new layer's slider in the middle: show the strongest attention
+        map, or the tile probabilities of the predicted class."""
+        if role == "attention":
+            step = 0
+        elif role == "tile probabilities":
+            step = int(layer.metadata.get("predicted_index", 0))
+        else:
+            return
+        self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, step)
 
     # -- cohorts, labels, checkpoints -------------------------------------------------
     def open_cohort(
@@ -297,6 +329,11 @@ class Session:
             self.checkpoints.remove(path)
         self.checkpoints.append(path)
         self.checkpoint_added.emit(path)
+
+
+def _shows(layer: Any, result: Any) -> bool:
+    """Whether ``layer`` is one of the reader's layers of ``result``."""
+    return layer is not None and (layer.metadata or {}).get("result") is result
 
 
 def connect_while_alive(widget: Any, connections: list[tuple[Any, Any]]) -> None:

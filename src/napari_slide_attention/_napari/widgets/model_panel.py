@@ -1,20 +1,25 @@
 """The Model panel: pick a checkpoint (its kind is read from it), a device and a batch
 size, and run it on the open slide in a thread worker; pieces appear as they arrive,
-then the class probabilities and the slide's call."""
+then the class probabilities and the slide's call. A result is saved to a folder and
+opened again (with its slide) from here.
+
+A run is one ``jobs.Job`` over ``inference.predict``: the worker drives ``job.events()``,
+the bar follows its "tiles" events, and Cancel is ``job.stop("cancelled")``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import html
-import threading
+import os
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -32,8 +37,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ...progress import Progress
+from ...jobs import Job, Progress, Stopped
+from ...results import ResultError, SlideResult, is_result_directory
 from ..layers import inspect_at
+from ..reader import open_result_slide, result_slide_path
 from ..session import PartialResult, connect_while_alive, session_for
 from . import error_html
 
@@ -42,10 +49,11 @@ KIND_NAMES = {
     "dual-attention": "dual attention (Raza et al.)",
     "sliding-window": "sliding-window baseline",
 }
+# The kinds whose predict reads every tissue tile in batches (takes ``chunk_tiles``); the
+# dual model reads its N sampled tiles, and ``predict`` refuses a batch size for it.
+BATCHED_KINDS = ("grid-attention", "sliding-window")
 
-
-class Cancelled(Exception):
-    """The user pressed Cancel; raised inside the worker at the next chunk of tiles."""
+SLIDE_FILTER = "Slides (*.svs *.ndpi *.tif *.tiff *.btf *.tf8 *.zarr *.dcm);;All files (*)"
 
 
 def describe_checkpoint(path: str | Path) -> tuple[str, dict[str, Any]]:
@@ -79,40 +87,13 @@ def _cuda_available() -> bool:
         return False
 
 
-def inference_work(
-    checkpoint: str,
-    slide,
-    *,
-    device: str,
-    chunk_tiles: int,
-    tissue,
-    cancel: threading.Event,
-    tiles_done: list[int],
-):
-    """The run the worker drives: ``predict`` on the slide; ``tiles_done[0]`` counts
-    tiles for the progress bar. Once ``cancel`` is set it stops at the next chunk of
-    tiles and returns None (a cancelled run is no error to report)."""
+def inference_work(checkpoint: str, slide, **options: Any):
+    """``predict(checkpoint, slide, **options)``, imported in the worker's thread when the
+    job starts (importing torch takes the viewer seconds); yields its events and returns
+    its ``SlideResult``. Closing it (``Job.stop``) closes ``predict``'s generator."""
     from ...inference import predict
 
-    def on_tiles(n: int) -> None:
-        if cancel.is_set():
-            raise Cancelled
-        tiles_done[0] += n
-
-    work = predict(
-        checkpoint, slide, device=device, chunk_tiles=chunk_tiles, tissue=tissue, on_tiles=on_tiles
-    )
-    while True:
-        try:
-            if cancel.is_set():
-                raise Cancelled
-            event = next(work)
-        except StopIteration as stop:
-            return stop.value
-        except Cancelled:
-            work.close()
-            return None
-        yield event
+    return (yield from predict(checkpoint, slide, **options))
 
 
 class ModelPanel(QWidget):
@@ -127,9 +108,7 @@ class ModelPanel(QWidget):
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.worker = None
-        self._cancel = threading.Event()
-        self._tiles = [0]
-        self._total_tiles = 0
+        self.job: Job | None = None
         self._pieces: list = []
         self._progress = None
         self._started = 0.0
@@ -172,6 +151,19 @@ class ModelPanel(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
+        files = QHBoxLayout()
+        self.open_button = QPushButton("Open result…")
+        self.open_button.setToolTip(
+            "Open a saved result folder: its slide (asked for when it has moved) and overlays"
+        )
+        self.open_button.clicked.connect(lambda: self.open_result())
+        self.save_button = QPushButton("Save result…")
+        self.save_button.setToolTip("Save the result on show into a folder")
+        self.save_button.clicked.connect(lambda: self.save_result())
+        files.addWidget(self.open_button)
+        files.addWidget(self.save_button)
+        layout.addLayout(files)
+        self._folder = ""  # the last folder a result was saved to or opened from
         self.bar = QProgressBar()
         self.bar.setRange(0, 1)
         self.bar.setValue(0)
@@ -206,10 +198,6 @@ class ModelPanel(QWidget):
         self.inspected: dict[str, Any] | None = None
         self._install_click()
 
-        self._poll = QTimer(self)
-        self._poll.setInterval(100)
-        self._poll.timeout.connect(self._show_tiles)
-
         self._refresh_devices()
         for path in self.session.checkpoints:
             self._offer(path)
@@ -218,8 +206,11 @@ class ModelPanel(QWidget):
             [
                 (self.session.checkpoint_added, self._offer),
                 (self.session.slide_opened, self._on_slide),
+                (self.session.result_shown, self._on_result_shown),
             ],
         )
+        if isinstance(self.session.result, SlideResult):  # a result dropped before the panel
+            self._show_call(self.session.result)
         self._update_buttons()
 
     # -- choices -----------------------------------------------------------------------
@@ -280,10 +271,13 @@ class ModelPanel(QWidget):
 
     def _update_buttons(self) -> None:
         running = self.worker is not None
+        self.batch.setEnabled(self.config is None or self.config.get("kind") in BATCHED_KINDS)
         self.run_button.setEnabled(
             not running and self.config is not None and self.session.slide is not None
         )
         self.cancel_button.setEnabled(running)
+        self.open_button.setEnabled(not running)
+        self.save_button.setEnabled(not running and isinstance(self.session.result, SlideResult))
 
     # -- running -----------------------------------------------------------------------
     def run(self) -> None:
@@ -293,93 +287,117 @@ class ModelPanel(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        self._cancel.clear()
-        self._tiles[0] = 0
-        self._total_tiles = 0
         self._pieces = []
         self.call.clear()
         self.table.setRowCount(0)
+        options: dict[str, Any] = {"device": self.device.currentText()}
+        if self.session.tissue is not None:
+            options["tissue"] = self.session.tissue
+        if self.config.get("kind") in BATCHED_KINDS:
+            options["chunk_tiles"] = self.batch.value()
+        self.job = Job(inference_work(self.checkpoint.currentText(), self.session.slide, **options))
         worker = create_worker(
-            inference_work,
-            self.checkpoint.currentText(),
-            self.session.slide,
-            device=self.device.currentText(),
-            chunk_tiles=self.batch.value(),
-            tissue=self.session.tissue,
-            cancel=self._cancel,
-            tiles_done=self._tiles,
+            self.job.events,
             _start_thread=False,
+            _connect={
+                "yielded": self._on_event,
+                "returned": self._on_result,
+                "errored": self._on_error,  # (without it, the worker re-raises errors)
+                "finished": self._on_finished,
+            },
         )
-        worker.yielded.connect(self._on_event)
-        worker.returned.connect(self._on_result)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
         self.worker = worker
-        self._prepare_attention_layer()
+        self._prepare_layers()
         self._progress = progress(total=0, desc=f"{Path(self.session.slide.path).name}")
         self._started = time.perf_counter()
         self.status.setText("finding tissue…")
+        self.bar.setFormat("%p%")
         self.bar.setRange(0, 0)  # busy until the tile count is known
         self._update_buttons()
-        self._poll.start()
         worker.start()
 
-    def _prepare_attention_layer(self) -> None:
-        """Make the attention layer before the run (empty), so the pieces that arrive
-        only update it: making a layer costs the event loop a few hundred ms with
-        software OpenGL, an update a few tens."""
-        n_maps = self.config.get("n_maps") if self.config else None
-        if not n_maps or self.session.layer("attention") is not None:
+    def _prepare_layers(self) -> None:
+        """Make the layer the pieces are drawn into before the run (empty): the attention
+        maps of a grid model, the tile probabilities of a sliding window. The pieces that
+        arrive then only update it: making a layer costs the event loop a few hundred ms
+        with software OpenGL, an update a few tens."""
+        config = self.config or {}
+        if config.get("kind") == "sliding-window":
+            role, depth, name, colormap, axis = (
+                "tile probabilities",
+                len(config.get("classes", ())),
+                "tile probabilities (running)",
+                "viridis",
+                "class",
+            )
+        else:
+            role, depth, name, colormap, axis = (
+                "attention",
+                config.get("n_maps"),
+                "attention maps (running)",
+                "inferno",
+                "map",
+            )
+        if not depth or self.session.layer(role) is not None:
             return
         self.session.set_layer(
-            "attention",
-            np.zeros((int(n_maps), 1, 1), dtype=np.float32),
+            role,
+            np.zeros((int(depth), 1, 1), dtype=np.float32),
             {
-                "name": "attention maps (running)",
-                "colormap": "inferno",
+                "name": name,
+                "colormap": colormap,
                 "opacity": 0.55,
                 "blending": "additive",
                 "contrast_limits": (0.0, 1.0),
-                "axis_labels": ("map", "y", "x"),
+                "axis_labels": (axis, "y", "x"),
                 "units": ("pixel", *self.session.units),
             },
             "image",
         )
 
     def cancel(self) -> None:
-        """Stop the run at its next chunk of tiles (well within a second)."""
-        if self.worker is None:
+        """Stop the run at its next event (a chunk of tiles, or a sampled tile of a dual
+        model: well within a second)."""
+        if self.worker is None or self.job is None:
             return
-        self._cancel.set()
-        self.worker.quit()
+        self.job.stop("cancelled")
         self.status.setText("cancelling…")
 
     def _on_event(self, event: Progress) -> None:
-        if event.stage == "tissue" and "tiles" in event.data:
-            self._total_tiles = int(event.data["tiles"])
-            self.bar.setRange(0, max(self._total_tiles, 1))
+        if event.stage == "tiles":
+            if event.total:
+                self.bar.setFormat("%v / %m tiles")
+                self.bar.setRange(0, event.total)
+                self.bar.setValue(min(event.done, event.total))
             if self._progress is not None:
-                self._progress.total = self._total_tiles
-        elif event.stage == "piece" and "piece" in event.data:
+                self._progress.total = event.total
+                self._progress.n = event.done
+                self._progress.refresh()
+            return  # the bar counts them; the status keeps the last piece's line
+        if event.stage == "piece" and "piece" in event.data:
             self._pieces.append(event.data["piece"])
             classes = tuple(self.config.get("classes", ())) if self.config else ()
             self.session.show_result(PartialResult(list(self._pieces), classes))
         self.status.setText(event.message)
 
-    def _show_tiles(self) -> None:
-        if not self._total_tiles:
-            return
-        done = min(self._tiles[0], self._total_tiles)
-        self.bar.setValue(done)
-        if self._progress is not None:
-            self._progress.n = done
-            self._progress.refresh()
-
-    def _on_result(self, result) -> None:
-        if result is None:  # cancelled
-            return
-        self.session.show_result(result)
+    def _on_result(self, result: SlideResult) -> None:
+        self.session.show_result(result)  # the call and table come back through result_shown
         seconds = time.perf_counter() - self._started
+        self.status.setText(
+            f"done in {seconds:.1f} s: {result.info.get('tiles', '?')} tiles on "
+            f"{result.info.get('device', '?')}"
+        )
+        if self.bar.maximum() <= 0:
+            self.bar.setRange(0, 1)
+        self.bar.setValue(self.bar.maximum())
+
+    def _on_result_shown(self, result) -> None:
+        if isinstance(result, SlideResult):
+            self._show_call(result)
+        self._update_buttons()
+
+    def _show_call(self, result: SlideResult) -> None:
+        """The slide's call and its class probabilities, most probable first."""
         self.call.setText(
             f"<b>{html.escape(result.predicted_class)}</b> "
             f"({result.confidence:.0%} confidence, {result.aggregation})"
@@ -389,12 +407,88 @@ class ModelPanel(QWidget):
         for row, i in enumerate(order):
             self.table.setItem(row, 0, QTableWidgetItem(result.classes[i]))
             self.table.setItem(row, 1, QTableWidgetItem(f"{result.probabilities[i]:.1%}"))
-        self.status.setText(
-            f"done in {seconds:.1f} s: {result.info.get('tiles', '?')} tiles on "
-            f"{result.info.get('device', '?')}"
-        )
-        self.bar.setRange(0, 1)
-        self.bar.setValue(1)
+
+    # -- saving and opening results ------------------------------------------------------
+    def save_result(self, directory: str | os.PathLike | None = None) -> Path | None:
+        """Save the result on show into a folder (asked for when not given); returns the
+        result folder, or None.
+
+        An empty folder or an earlier result folder is written into (replacing the
+        result there); any other folder gets a new result folder inside it, named after
+        the slide and the model kind.
+        """
+        result = self.session.result
+        if not isinstance(result, SlideResult):
+            return None
+        if directory is None:
+            directory = QFileDialog.getExistingDirectory(
+                self, "Save the result into a folder", self._folder
+            )
+            if not directory:
+                return None
+        try:
+            saved = result.save(_result_folder(Path(directory), result))
+        except (ResultError, OSError, ValueError) as exc:
+            self.status.setText(error_html(f"not saved: {exc}"))
+            return None
+        self._folder = str(saved.parent)
+        self.status.setText(f"result saved to {saved}")
+        return saved
+
+    def open_result(self, directory: str | os.PathLike | None = None) -> SlideResult | None:
+        """Open a result folder (asked for when not given) and show it over its slide as
+        after a run; returns the result, or None.
+
+        Its slide is opened unless it is the one on show; when it is not where the result
+        says (moved), a file dialog asks for it.
+        """
+        if self.worker is not None:
+            return None
+        if directory is None:
+            directory = QFileDialog.getExistingDirectory(self, "Open a result folder", self._folder)
+            if not directory:
+                return None
+        directory = Path(directory)
+        try:
+            result = SlideResult.load(directory)
+        except ResultError as exc:
+            hint = "" if is_result_directory(directory) else " (not a result folder)"
+            self.status.setText(error_html(f"{exc}{hint}"))
+            return None
+        self._folder = str(directory.parent)
+        if not self._is_open_slide(result, directory):
+            chosen = None
+            if result_slide_path(result, directory) is None:
+                chosen, _ = QFileDialog.getOpenFileName(
+                    self,
+                    f"Where is {Path(result.slide).name}? (not found at {result.slide})",
+                    str(directory.parent),
+                    SLIDE_FILTER,
+                )
+                if not chosen:
+                    self.status.setText(
+                        error_html(f"not opened: the slide {result.slide} was not found")
+                    )
+                    return None
+            slide, problem = open_result_slide(result, directory, chosen)
+            if slide is None:
+                self.status.setText(error_html(f"not opened: {problem}"))
+                return None
+            self.session.show_slide(slide)
+        self.session.show_result(result)
+        self.status.setText(f"opened the result in {directory.name}")
+        return result
+
+    def _is_open_slide(self, result: SlideResult, directory: Path) -> bool:
+        """Whether the slide on show is the one the result was made on."""
+        slide = self.session.slide
+        where = result_slide_path(result, directory)
+        if slide is None or where is None:
+            return False
+        try:
+            return Path(slide.path).resolve() == where.resolve()
+        except (OSError, RuntimeError):
+            return False
 
     # -- inspecting ----------------------------------------------------------------------
     def _install_click(self) -> None:
@@ -465,15 +559,15 @@ class ModelPanel(QWidget):
         camera.zoom = 1.0 / self.session.scale[1]  # one screen px per level-0 px
 
     def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, Cancelled) or self._cancel.is_set():
-            self.status.setText("cancelled")
+        if isinstance(exc, Stopped):  # Cancel: no error to report
+            self.status.setText(exc.reason)
         else:
             self.status.setText(error_html(f"{type(exc).__name__}: {exc}"))
 
     def _on_finished(self) -> None:
-        self._poll.stop()
-        if self._cancel.is_set() and not self.status.text().startswith("done"):
-            self.status.setText("cancelled")
+        if self.job is not None and self.job.stopping and not self.status.text().startswith("done"):
+            self.status.setText(self.job.reason)
+        self.job = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -483,9 +577,22 @@ class ModelPanel(QWidget):
         self._update_buttons()
 
 
+def _result_folder(directory: Path, result: SlideResult) -> Path:
+    """Where a result saved into ``directory`` goes: there when it is empty (or absent)
+    or a result folder, else a new folder inside named after the slide and the model."""
+    if not directory.exists() or is_result_directory(directory) or not any(directory.iterdir()):
+        return directory
+    stem = f"{Path(result.slide).stem}.{result.model_kind}"
+    target, n = directory / stem, 1
+    while target.exists():
+        n += 1
+        target = directory / f"{stem}-{n}"
+    return target
+
+
 def _remove_callback(viewer, callback) -> None:
     with contextlib.suppress(ValueError, RuntimeError):
         viewer.mouse_drag_callbacks.remove(callback)
 
 
-__all__ = ["Cancelled", "ModelPanel", "describe_checkpoint", "inference_work"]
+__all__ = ["ModelPanel", "describe_checkpoint", "inference_work"]
