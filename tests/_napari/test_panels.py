@@ -1,5 +1,6 @@
-"""The Slide and Model panels in a real viewer: open, tissue preview, run, cancel,
-alignment of the attention layer with the slide, and a responsive event loop."""
+"""The Slide and Model panels in a real viewer: open, tissue preview, run, cancel (grid
+and dual models), alignment of the attention layer with the slide, and a responsive
+event loop."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def dock(viewer, name: str):
 @pytest.fixture
 def sample_slide(tmp_path):
     path = tmp_path / "needle.tif"
-    write_synthetic_slide(path, size=(2048, 1536), label="carcinoma", seed=3, n_pieces=1)
+    write_synthetic_slide(
+        path, size=(2048, 1536), label="carcinoma", seed=3, n_pieces=1, lesion_size=30
+    )
     return path
 
 
@@ -214,3 +217,86 @@ def test_all_five_panels_open_from_the_plugin_and_closed_ones_let_go(
     session.open_slide(sample_slide)  # no signal reaches a deleted panel
     session.add_checkpoint(sample_slide.with_suffix(".safetensors"))
     assert session.slide is not None
+
+
+@pytest.fixture(scope="module")
+def small_dual_model(tmp_path_factory):
+    """An untrained dual-attention checkpoint, small but slow enough per sampled tile
+    (256 px tiles, 6 glimpses) that a run is still going when Cancel is clicked."""
+    import torch
+
+    from napari_slide_attention.models.checkpoint import save_checkpoint
+    from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
+
+    torch.manual_seed(0)
+    config = DualAttentionConfig(
+        classes=("normal", "low-grade", "high-grade", "carcinoma"),
+        n_tiles=24,
+        tile_um=128.0,
+        feature_px=32,
+        feature_width=8,
+        soft={"pool": 4},
+        hard={
+            "glimpses": 6,
+            "glimpse_px": 32,
+            "tile_px": 256,
+            "context_px": 64,
+            "feature": 64,
+            "hidden": [64, 32],
+            "glimpse_channels": [16, 32],
+            "context_channels": [8, 16],
+        },
+    )
+    model = DualAttention(config)
+    path = tmp_path_factory.mktemp("small-dual") / "dual"
+    return save_checkpoint(path, config.kind, config.to_dict(), model.state_dict())
+
+
+def test_a_dual_model_shows_tile_progress_and_cancels_within_a_second(
+    make_napari_viewer, qtbot, tmp_path, small_dual_model
+):
+    from qtpy.QtCore import Qt
+
+    from napari_slide_attention._napari.layers import RESULT_ROLES
+
+    path = tmp_path / "slide.tif"
+    write_synthetic_slide(
+        path, size=(4096, 3072), label="carcinoma", seed=1, n_pieces=2, lesion_size=40
+    )
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    session.open_slide(path)
+    panel = dock(viewer, "Model")
+    panel.set_checkpoint(small_dual_model)
+    assert "dual attention" in panel.kind.text()
+    assert not panel.batch.isEnabled()  # the dual model reads only its sampled tiles
+
+    # a whole run first: tile progress up to the sampled tiles, then every overlay
+    qtbot.mouseClick(panel.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.status.text().startswith("done"), panel.status.text()
+    n = session.result.info["tiles"]
+    assert panel.bar.maximum() == n > 1 and panel.bar.value() == n
+    assert [role for role in RESULT_ROLES if session.layer(role) is not None] == [
+        "soft attention",
+        "sampled tiles",
+        "glimpse paths",
+        "glimpses",
+        "glimpse fields",
+    ]
+
+    # again, cancelled once the first sampled tiles are done
+    session.open_slide(path)  # no result on show
+    qtbot.mouseClick(panel.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.bar.maximum() > 1 and panel.bar.value() >= 1, timeout=60_000)
+    assert 1 <= panel.bar.value() < panel.bar.maximum() == n
+    start = time.perf_counter()
+    qtbot.mouseClick(panel.cancel_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=5_000)
+    took = time.perf_counter() - start
+    assert took < 1.0, f"cancel took {took:.2f} s"
+    assert panel.status.text() == "cancelled"
+    assert session.result is None
+    assert all(session.layer(role) is None for role in RESULT_ROLES)
+    assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
+    assert panel.job is None and not panel.save_button.isEnabled()
