@@ -300,3 +300,39 @@ def test_a_dual_model_shows_tile_progress_and_cancels_within_a_second(
     assert all(session.layer(role) is None for role in RESULT_ROLES)
     assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
     assert panel.job is None and not panel.save_button.isEnabled()
+
+
+def test_a_sliding_window_model_draws_its_tile_probabilities(
+    make_napari_viewer, qtbot, tmp_path, sample_slide
+):
+    import torch
+    from qtpy.QtCore import Qt
+
+    from napari_slide_attention.models.checkpoint import save_checkpoint
+    from napari_slide_attention.models.sliding_window import CropClassifier, SlidingWindowConfig
+
+    torch.manual_seed(0)
+    config = SlidingWindowConfig(
+        classes=("normal", "low-grade", "high-grade", "carcinoma"), crop_um=128.0, input_px=32
+    )
+    checkpoint = save_checkpoint(
+        tmp_path / "window", config.kind, config.to_dict(), CropClassifier(config).state_dict()
+    )
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    session.open_slide(sample_slide)
+    panel = dock(viewer, "Model")
+    panel.set_checkpoint(checkpoint)
+    assert panel.batch.isEnabled()
+    panel.batch.setValue(8)
+    qtbot.mouseClick(panel.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.status.text().startswith("done"), panel.status.text()
+    result = session.result
+    assert panel.bar.maximum() == result.info["tiles"] == panel.bar.value()
+    layer = session.layer("tile probabilities")
+    assert layer is not None and session.layer("attention") is None
+    assert layer.data.shape[0] == 4 and layer.metadata["predicted"] == result.predicted_class
+    # each tissue tile's probabilities sum to 1 over the classes
+    totals = np.asarray(layer.data).sum(0)
+    assert np.allclose(totals[totals > 0], 1.0, atol=1e-4)
