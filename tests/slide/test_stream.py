@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from napari_slide_attention.slide import stream as stream_module
 from napari_slide_attention.slide.reader import SlideError, open_slide
+from napari_slide_attention.slide.stored_tiles import SharedPieces, StoredLevel
 from napari_slide_attention.slide.stream import TileBatch, TileStream
+from slide_files import write_ome_zarr
 
 TILE = 128
 # Partial edge tiles on both axes at every level.
@@ -36,8 +41,10 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _write(path: Path, image: np.ndarray, compression: str | None, levels: int = 3) -> Path:
-    kwargs = {"tile": (TILE, TILE), "photometric": "rgb", "compression": compression}
+def _write(
+    path: Path, image: np.ndarray, compression: str | None, levels: int = 3, tile: int = TILE
+) -> Path:
+    kwargs = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
     with tifffile.TiffWriter(path) as tif:
         tif.write(image, subifds=levels - 1, **kwargs)
         for i in range(1, levels):
@@ -94,6 +101,80 @@ def _collect(stream: TileStream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _stream_threads(stream: TileStream) -> list[threading.Thread]:
     prefix = f"tilestream-{id(stream):x}"
     return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def _grid_from(slide, size0: int, origin: tuple[int, int]) -> np.ndarray:
+    """Level-0 boxes of ``size0`` from ``origin`` until past the slide's far edges."""
+    height0, width0 = slide.level_info[0].shape
+    xs = range(origin[0], width0 + size0, size0)
+    ys = range(origin[1], height0 + size0, size0)
+    return np.array([(x, y, size0, size0) for y in ys for x in xs], dtype=np.int64)
+
+
+def _box_tiles(slide, level: int, boxes: np.ndarray, tile: int) -> list[list[int]]:
+    """The stored tiles (row-major indices) each box overlaps at a level, row-major."""
+    height, width = slide.level_info[level].shape
+    sy, sx = slide.level_info[0].shape[0] / height, slide.level_info[0].shape[1] / width
+    across = -(-width // tile)
+    found = []
+    for x, y, w, h in boxes.tolist():
+        ly, lx = math.floor(y / sy), math.floor(x / sx)
+        y0, y1 = max(ly, 0), min(ly + max(1, round(h / sy)), height)
+        x0, x1 = max(lx, 0), min(lx + max(1, round(w / sx)), width)
+        found.append(
+            [
+                r * across + c
+                for r in range(y0 // tile, (y1 - 1) // tile + 1 if y0 < y1 else 0)
+                for c in range(x0 // tile, (x1 - 1) // tile + 1 if x0 < x1 else 0)
+            ]
+        )
+    return found
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[tuple[int, int, int]]:
+    """(level, row, column) of every stored tile TileStream decodes, in order."""
+    seen: list[tuple[int, int, int]] = []
+    decode = StoredLevel.decode
+
+    def counting(self, data, dest, r, c, index):
+        seen.append((self.level, r, c))
+        return decode(self, data, dest, r, c, index)
+
+    monkeypatch.setattr(StoredLevel, "decode", counting)
+    return seen
+
+
+@pytest.fixture
+def caches(monkeypatch) -> list[SharedPieces]:
+    """The tile and band caches TileStream passes make, in order."""
+    made: list[SharedPieces] = []
+
+    class Recorded(SharedPieces):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stream_module, "SharedPieces", Recorded)
+    return made
+
+
+@pytest.fixture
+def region_reads(monkeypatch):
+    """Count a slide's Slide.read_region calls: ``region_reads(slide)`` -> the list."""
+
+    def watch(slide) -> list[tuple[int, ...]]:
+        calls: list[tuple[int, ...]] = []
+        read = slide.read_region
+
+        def counting(level, x, y, w, h):
+            calls.append((level, x, y, w, h))
+            return read(level, x, y, w, h)
+
+        monkeypatch.setattr(slide, "read_region", counting)
+        return calls
+
+    return watch
 
 
 # -- pixels -------------------------------------------------------------------------------
@@ -193,18 +274,232 @@ def test_missing_tiles_read_as_fill(tmp_path, image):
     slide.close()
 
 
-def test_virtual_level_uses_general_path(tmp_path):
+def test_missing_tiles_read_as_fill_in_assembled_boxes(tmp_path, image):
+    path = _write(tmp_path / "sparse.tif", image, "zlib", levels=1)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offsets = list(page.dataoffsets)
+        counts = list(page.databytecounts)
+        offsets[3], counts[12] = 0, 0
+        page.tags["TileOffsets"].overwrite(offsets)
+        page.tags["TileByteCounts"].overwrite(counts)
+    slide = _open(path)
+    boxes = _grid_from(slide, 200, (-50, 70))
+    stream = TileStream(slide, 0, boxes, batch_size=4, workers=2)
+    assert stream.stats.assembled == len(boxes)
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(slide, 0, boxes))
+    slide.close()
+
+
+# -- any grid on stored tiles: assembled, each stored tile decoded once per pass ----------
+
+PAPER_TILE = 256
+# (box size in level-0 px, grid origin, level): the paper's 492 px tiles on 256 px
+# stored tiles, on and off the tile lattice, a multiple of the stored tile off the
+# lattice, and 246 px level-1 boxes.
+PAPER_GRIDS = [
+    (492, (0, 0), 0),
+    (492, (-37, 101), 0),
+    (512, (100, 60), 0),
+    (492, (-13, 7), 1),
+]
+
+
+@pytest.fixture(scope="module", params=["jpeg", None])
+def paper_path(request, tmp_path_factory) -> Path:
+    name = request.param or "raw"
+    image = _image(1100, 1400, seed=3)
+    directory = tmp_path_factory.mktemp(f"paper-{name}")
+    return _write(directory / f"{name}.tif", image, request.param, levels=2, tile=PAPER_TILE)
+
+
+@pytest.fixture
+def paper_slide(paper_path):
+    slide = _open(paper_path)
+    yield slide
+    slide.close()
+
+
+@pytest.mark.parametrize(("size0", "origin", "level"), PAPER_GRIDS)
+def test_any_grid_matches_read_region_with_each_stored_tile_decoded_once(
+    paper_slide, decodes, size0, origin, level
+):
+    boxes = _grid_from(paper_slide, size0, origin)
+    expected = _expected(paper_slide, level, boxes)
+    stream = TileStream(paper_slide, level, boxes, batch_size=5, workers=3, prefetch=1)
+    assert stream.stats.assembled == len(boxes) and stream.stats.direct == 0
+    touched = {t for tiles in _box_tiles(paper_slide, level, boxes, PAPER_TILE) for t in tiles}
+    assert stream.stats.stored_tiles == len(touched)
+    for _ in range(2):  # each pass decodes every stored tile it needs once
+        decodes.clear()
+        pixels, out_boxes, indices = _collect(stream)
+        np.testing.assert_array_equal(pixels, expected)
+        np.testing.assert_array_equal(out_boxes, boxes)
+        np.testing.assert_array_equal(indices, np.arange(len(boxes)))
+        counts = Counter(decodes)
+        assert set(counts.values()) == {1}
+        across = -(-paper_slide.level_info[level].shape[1] // PAPER_TILE)
+        assert {r * across + c for _, r, c in counts} == touched
+    assert not _stream_threads(stream)
+
+
+def test_aligned_multiples_are_decoded_once_straight_into_the_batch(paper_slide, decodes):
+    boxes = _grid_from(paper_slide, 2 * PAPER_TILE, (0, 0))
+    stream = TileStream(paper_slide, 0, boxes, batch_size=3, workers=2)
+    assert stream.stats.direct == len(boxes) and stream.cache_nbytes == 0
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(paper_slide, 0, boxes))
+    assert len(decodes) == len(set(decodes)) == stream.stats.stored_tiles
+
+
+def test_tiles_shared_by_aligned_and_other_boxes_are_decoded_once(paper_slide, decodes):
+    aligned = _grid_from(paper_slide, PAPER_TILE, (0, 0))
+    boxes = np.concatenate([aligned, aligned[::3] + np.array([60, -40, 0, 0])])
+    stream = TileStream(paper_slide, 0, boxes, batch_size=4, workers=2)
+    assert stream.stats.direct > 0 and stream.stats.assembled > 0
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(paper_slide, 0, boxes))
+    assert len(decodes) == len(set(decodes)) == stream.stats.stored_tiles
+
+
+def test_cache_holds_shared_tiles_until_their_last_box(tmp_path, decodes, caches):
+    slide = _open(_write(tmp_path / "wide.tif", _image(1536, 2560), None, 1, PAPER_TILE))
+    boxes = _grid_from(slide, 492, (-37, 101))
+    stream = TileStream(slide, 0, boxes, batch_size=2, workers=1)
+    tile_nbytes = PAPER_TILE * PAPER_TILE * 3
+    across = 2560 // PAPER_TILE
+    # Row-major boxes: about one row of stored tiles across the grid, plus the tiles of
+    # the run of boxes being read (a batch of 2 here), not the slide's 60 tiles.
+    assert 0 < stream.cache_nbytes <= (across + 2 * 9) * tile_nbytes
+    assert stream.stats.stored_tiles == 60
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(slide, 0, boxes))
+    (cache,) = caches
+    assert cache.peak_nbytes <= stream.cache_nbytes
+    assert cache.nbytes == 0  # every tile dropped after its last box
+    assert len(decodes) == stream.stats.stored_tiles
+    slide.close()
+
+
+@pytest.mark.parametrize("cache_tiles", [0, 3])
+def test_a_small_cache_bounds_memory_for_shuffled_boxes(paper_slide, caches, cache_tiles):
+    rng = np.random.default_rng(4)
+    boxes = _grid_from(paper_slide, 300, (-90, -20))
+    boxes = boxes[rng.permutation(len(boxes))]
+    tile_nbytes = PAPER_TILE * PAPER_TILE * 3
+    workers = 2
+    stream = TileStream(
+        paper_slide, 0, boxes, batch_size=3, workers=workers, cache_bytes=cache_tiles * tile_nbytes
+    )
+    assert stream.cache_nbytes <= cache_tiles * tile_nbytes
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(paper_slide, 0, boxes))
+    (cache,) = caches
+    # On top of the limit: the tiles of the runs of boxes being assembled.
+    run_tiles = stream_module._RUN * 4
+    assert cache.peak_nbytes <= (cache_tiles + workers * run_tiles) * tile_nbytes
+
+
+def test_grayscale_and_16_bit_tiles_are_assembled(tmp_path):
+    data = np.random.default_rng(2).integers(0, 60000, (700, 900), dtype=np.uint16)
+    path = tmp_path / "gray.tif"
+    tifffile.imwrite(path, data, tile=(128, 128), photometric="minisblack", compression="zlib")
+    slide = _open(path)
+    boxes = _grid_from(slide, 150, (-20, 33))
+    stream = TileStream(slide, 0, boxes, batch_size=4, workers=2)
+    assert stream.stats.assembled == len(boxes) and slide.fill_value == 0
+    pixels = _collect(stream)[0]
+    assert pixels.shape == (len(boxes), 150, 150) and pixels.dtype == np.uint16
+    np.testing.assert_array_equal(pixels, _expected(slide, 0, boxes))
+    slide.close()
+
+
+# -- levels without stored tiles: bands read with Slide.read_region ------------------------
+
+
+@pytest.fixture
+def strip_slide(tmp_path, image):
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=48)
+    slide = _open(path)
+    yield slide
+    slide.close()
+
+
+@pytest.mark.parametrize(("size0", "shift"), [(TILE, (0, 0)), (100, (-30, 17))])
+def test_strip_tiff_is_read_in_one_band_per_grid_row(strip_slide, region_reads, size0, shift):
+    boxes = _grid(strip_slide, 0, size0, margin=1) + np.array([*shift, 0, 0])
+    expected = _expected(strip_slide, 0, boxes)
+    rows = len(np.unique(boxes[:, 1]))
+    stream = TileStream(strip_slide, 0, boxes, batch_size=5, workers=2)
+    assert "strips" in stream.stats.fast_path
+    assert stream.stats.banded == len(boxes) == stream.stats.general
+    assert stream.stats.bands == rows and stream.stats.fast == 0
+    calls = region_reads(strip_slide)
+    np.testing.assert_array_equal(_collect(stream)[0], expected)
+    # One read per grid row, though rows are split across batches of 5.
+    assert len(calls) == rows
+    assert stream.cache_nbytes <= 3 * (size0 * 3) * (WIDTH + 3 * size0)
+
+
+def test_ome_zarr_levels_with_uneven_downsamples_are_read_in_bands(tmp_path, region_reads):
+    image = _image(1001, 1303, seed=5)
+    write_ome_zarr(tmp_path / "s.ome.zarr", image, chunk=128)
+    slide = _open(tmp_path / "s.ome.zarr")
+    assert slide.level_info[1].shape == (500, 651)  # 2.002 x 2.0015: not a whole number
+    calls = region_reads(slide)
+    for level, size0 in ((0, 200), (1, 300), (2, 200)):
+        boxes = _grid_from(slide, size0, (-45, 31))
+        expected = _expected(slide, level, boxes)
+        stream = TileStream(slide, level, boxes, batch_size=4, workers=2)
+        assert stream.stats.banded == len(boxes)
+        calls.clear()
+        np.testing.assert_array_equal(_collect(stream)[0], expected)
+        assert len(calls) == stream.stats.bands == len(np.unique(boxes[:, 1]))
+    slide.close()
+
+
+def test_virtual_level_is_read_in_bands(tmp_path, region_reads):
     # Single-level slides get virtual levels (computed by the reader): no stored tiles.
     image = np.full((2304, 2304, 3), 200, dtype=np.uint8)
     image[::7] = 30
     slide = _open(_write(tmp_path / "single.tif", image, "zlib", levels=1))
     assert slide.level_info[1].virtual
-    boxes = _grid(slide, 1, 512)[:6]
-    stream = TileStream(slide, 1, boxes)
-    assert stream.stats.fast == 0 and "virtual" in stream.stats.fast_path
-    pixels, _, _ = _collect(stream)
-    np.testing.assert_array_equal(pixels, _expected(slide, 1, boxes))
+    boxes = _grid_from(slide, 512, (-100, 50))
+    boxes = boxes[boxes[:, 1] < 600]  # two rows: computed levels are slow to read
+    expected = _expected(slide, 1, boxes)
+    stream = TileStream(slide, 1, boxes, batch_size=3)
+    assert stream.stats.banded == len(boxes) and "virtual" in stream.stats.fast_path
+    calls = region_reads(slide)
+    np.testing.assert_array_equal(_collect(stream)[0], expected)
+    assert len(calls) == stream.stats.bands == len(np.unique(boxes[:, 1]))
     slide.close()
+
+
+def test_bands_end_at_gaps_and_row_changes(strip_slide, region_reads):
+    boxes = np.array(
+        [(0, 0, 100, 100), (100, 0, 100, 100), (150, 0, 100, 100), (400, 0, 100, 100),
+         (500, 0, 100, 100), (0, 100, 100, 100), (180, 100, 100, 100), (100, 100, 100, 100)]
+    )  # fmt: skip
+    stream = TileStream(strip_slide, 0, boxes, batch_size=8, workers=2)
+    # Overlapping boxes and gaps up to a box width stay in a band; a wider gap (250 to
+    # 400), a new row and a step back start one: [0, 100, 150], [400, 500], [0, 180], [100].
+    assert stream.stats.bands == 4
+    expected = _expected(strip_slide, 0, boxes)
+    calls = region_reads(strip_slide)
+    np.testing.assert_array_equal(_collect(stream)[0], expected)
+    assert len(calls) == 4
+
+
+def test_a_band_read_too_wide_is_cut_to_the_boxes(strip_slide, monkeypatch):
+    # read_region may give a column more than asked when no level-0 width maps exactly.
+    monkeypatch.setattr(stream_module, "_level0_width", lambda columns, scale: columns + 1)
+    boxes = _grid(strip_slide, 0, 100, margin=1) + np.array([-30, 17, 0, 0])
+    stream = TileStream(strip_slide, 0, boxes, batch_size=6, workers=2)
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(strip_slide, 0, boxes))
+
+
+def test_level0_width_maps_to_the_columns_asked_for():
+    for scale in (1.0, 2.0, 2.0015, 3.9996, 4.0007, 7.5):
+        for columns in (1, 2, 99, 256, 1000, 12345):
+            width = stream_module._level0_width(columns, scale)
+            assert max(1, round(width / scale)) == columns
 
 
 # -- damaged files ------------------------------------------------------------------------
@@ -259,6 +554,81 @@ def test_corrupt_tile_names_the_tile(tmp_path, image, compression):
     message = str(info.value)
     assert "corrupt" in message and "level 0" in message
     assert f"tile (row {bad // across}, column {bad % across})" in message
+    slide.close()
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_truncated_file_names_the_tile_of_the_first_assembled_box(tmp_path, image, compression):
+    path = _write(tmp_path / "cut.tif", image, compression, levels=1)
+    offsets, counts = _tile_offsets(path)
+    cut = 40  # tiles 0..39 survive (tile 40 is cut in the middle)
+    data = path.read_bytes()
+    path.write_bytes(data[: offsets[cut] + counts[cut] // 2])
+    slide = _open(path)
+    boxes = _grid(slide, 0, 100) + np.array([-30, 17, 0, 0])
+    stream = TileStream(slide, 0, boxes, batch_size=8, workers=2)
+    assert stream.stats.assembled == len(boxes)
+    # The first box that needs a lost tile, and its first lost tile (row-major).
+    tiles = _box_tiles(slide, 0, boxes, TILE)
+    first = next(i for i, found in enumerate(tiles) if any(t >= cut for t in found))
+    lost = min(t for t in tiles[first] if t >= cut)
+    seen = []
+    with pytest.raises(SlideError) as info:
+        for batch in stream:
+            seen.append(batch.indices)
+    across = -(-WIDTH // TILE)
+    message = str(info.value)
+    assert str(path) in message and "truncated" in message and "level 0" in message
+    assert f"tile (row {lost // across}, column {lost % across})" in message
+    assert len(seen) == first // 8
+    assert not _stream_threads(stream)
+    slide.close()
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_corrupt_tile_names_the_tile_in_assembled_boxes(tmp_path, image, compression):
+    path = _write(tmp_path / "bad.tif", image, compression, levels=1)
+    offsets, counts = _tile_offsets(path)
+    bad = 13
+    data = bytearray(path.read_bytes())
+    data[offsets[bad] : offsets[bad] + counts[bad]] = bytes(counts[bad])
+    path.write_bytes(bytes(data))
+    slide = _open(path)
+    boxes = _grid(slide, 0, 150) + np.array([40, -60, 0, 0])
+    stream = TileStream(slide, 0, boxes, batch_size=3, workers=2)
+    assert stream.stats.assembled == len(boxes)
+    first = next(i for i, found in enumerate(_box_tiles(slide, 0, boxes, TILE)) if bad in found)
+    seen = []
+    with pytest.raises(SlideError) as info:
+        for batch in stream:
+            seen.append(batch.indices)
+    across = -(-WIDTH // TILE)
+    message = str(info.value)
+    assert "corrupt" in message and "level 0" in message
+    assert f"tile (row {bad // across}, column {bad % across})" in message
+    assert len(seen) == first // 3
+    slide.close()
+
+
+def test_truncated_strip_tiff_raises_at_its_band(tmp_path, image):
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=48)
+    offsets, counts = _tile_offsets(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: offsets[10] + counts[10] // 2])  # rows from 480 on are lost
+    slide = _open(path)
+    boxes = _grid(slide, 0, 100) + np.array([-30, 17, 0, 0])
+    stream = TileStream(slide, 0, boxes, batch_size=4, workers=2)
+    assert stream.stats.banded == len(boxes)
+    seen = []
+    with pytest.raises(SlideError) as info:
+        for batch in stream:
+            seen.append(batch.indices)
+    assert str(path) in str(info.value) and "truncated" in str(info.value)
+    # Boxes reaching below row 480 fail; every batch before the first of them came.
+    first = int(np.argmax(boxes[:, 1] + 100 > 480))
+    assert len(seen) == first // 4
+    assert not _stream_threads(stream)
     slide.close()
 
 
@@ -386,6 +756,32 @@ def test_close_and_context_manager_stop_the_workers(slide):
     assert list(iterator) == []
 
 
+@pytest.mark.parametrize("layout", ["tiles", "strips"])
+def test_break_and_close_stop_the_workers_of_assembled_and_banded_boxes(tmp_path, image, layout):
+    path = tmp_path / f"{layout}.tif"
+    if layout == "tiles":
+        _write(path, image, "zlib", levels=1)
+    else:
+        tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=48)
+    slide = _open(path)
+    boxes = _grid(slide, 0, 100, margin=2) + np.array([-30, 17, 0, 0])
+    stream = TileStream(slide, 0, boxes, batch_size=2, workers=2)
+    assert stream.stats.assembled + stream.stats.banded == len(boxes)
+    for _ in stream:
+        assert _stream_threads(stream)
+        break
+    assert not _stream_threads(stream)
+    iterator = iter(stream)
+    next(iterator)
+    stream.close()
+    assert not _stream_threads(stream)
+    assert list(iterator) == []
+    # A fresh pass after both starts with empty caches and reads every tile again.
+    np.testing.assert_array_equal(_collect(stream)[0], _expected(slide, 0, boxes))
+    assert not _stream_threads(stream)
+    slide.close()
+
+
 def test_iterating_again_restarts_and_concurrent_passes_fail(slide):
     boxes = _grid(slide, 0, TILE)[:12]
     stream = TileStream(slide, 0, boxes, batch_size=5)
@@ -428,3 +824,5 @@ def test_bad_arguments(slide):
         TileStream(slide, 0, [(0, 0, 128, 128)], batch_size=0)
     with pytest.raises(ValueError, match="workers"):
         TileStream(slide, 0, [(0, 0, 128, 128)], workers=0)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        TileStream(slide, 0, [(0, 0, 128, 128)], cache_bytes=-1)

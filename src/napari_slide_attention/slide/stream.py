@@ -445,9 +445,9 @@ class TileStream:
         )
 
         # Decide how each box is read. The caches hold what the boxes in progress at once
-        # need (for cache_nbytes): one at a time with one thread, else the chunks of up
-        # to two batches.
-        window = 1 if self.workers == 1 else 2 * self.batch_size
+        # need (for cache_nbytes): one run of a batch with one thread, else the chunks of
+        # up to two batches.
+        window = min(self.batch_size, _RUN) if self.workers == 1 else 2 * self.batch_size
         problem = stored_tiles_problem(slide, self.level) if n else ""
         self._stored: StoredLevel | None = None
         self._tile_plan: TilePlan | None = None
