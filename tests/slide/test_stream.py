@@ -245,7 +245,7 @@ def test_mixed_paths_keep_order_and_indices(slide):
     np.testing.assert_array_equal(pixels, _expected(slide, 0, boxes))
 
 
-def test_lossless_fast_path_returns_the_written_pixels(tmp_path, image):
+def test_lossless_direct_reads_return_the_written_pixels(tmp_path, image):
     slide = _open(_write(tmp_path / "z.tif", image, "zlib"))
     boxes = _grid(slide, 0, TILE)
     pixels, _, _ = _collect(TileStream(slide, 0, boxes, batch_size=64))

@@ -571,7 +571,7 @@ class StoredLevel:
             keys: list[int] = []
             box_tiles.append(keys)
             if not (all_rows and all_cols):
-                out[position] = fill  # (partly) outside the slide: glass around the tiles
+                _fill_outside(out[position], rows, cols, fill)
             for r, dy0, dy1, sy0, sy1 in rows:
                 for c, dx0, dx1, sx0, sx1 in cols:
                     index = r * across + c
@@ -689,6 +689,21 @@ class StoredLevel:
         if tile is None:
             tile = self._local.tile = self.new_tile()
         return tile
+
+
+def _fill_outside(
+    box: np.ndarray, rows: list[tuple[int, ...]], cols: list[tuple[int, ...]], fill: int
+) -> None:
+    """Set the part of a box outside the slide (outside its rows' and columns' segments)."""
+    if not rows or not cols:
+        box[...] = fill
+        return
+    y0, y1 = rows[0][1], rows[-1][2]
+    x0, x1 = cols[0][1], cols[-1][2]
+    box[:y0] = fill
+    box[y1:] = fill
+    box[y0:y1, :x0] = fill
+    box[y0:y1, x1:] = fill
 
 
 def _copy(out: np.ndarray, tile: np.ndarray, parts: list[tuple[int, ...]]) -> None:

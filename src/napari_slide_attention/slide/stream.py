@@ -46,8 +46,10 @@ Memory:
   the figure for a stream's boxes. The cache never keeps more than ``cache_bytes``
   (default 256 MiB) for later boxes: past that it drops the tiles needed last, which are
   decoded again when their boxes come (only orders that jump about, such as shuffled
-  boxes, get there). On top: the tiles of the boxes being assembled (at most
-  ``workers ×`` the stored tiles one box overlaps) and two spare tile buffers per thread.
+  boxes, get there). On top: the tiles of the runs of boxes being assembled (each
+  thread takes up to ``_RUN`` = 16 boxes at a time) and up to ``32 × workers + 16``
+  spare tile buffers (6 MiB per thread for 256 px RGB tiles) that save decoding into
+  fresh memory.
 * Bands (banded boxes): one band is at most ``_BAND_BYTES`` (16 MiB) or one box wide,
   and is dropped as soon as its last box is cut, so the bands held are those of the
   boxes in flight; ``TileStream.cache_nbytes`` gives the peak for a stream's boxes.
