@@ -186,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         split, _, n = item.partition("=")
         per[split] = int(n)
     dual = json.loads(json.dumps(DUAL))
-    for item in args.set:
+    model_keys = DualTrainSettings.model_keys()
+    for item in args.set:  # a model setting goes into the nested model settings
         key, _, value = item.partition("=")
-        dual[key] = json.loads(value)
+        (dual["model"] if key in model_keys else dual)[key] = json.loads(value)
     for item in args.hard:
         key, _, value = item.partition("=")
-        dual["hard"][key] = json.loads(value)
+        dual["model"]["hard"][key] = json.loads(value)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"python {platform.python_version()}, device {args.device}"
@@ -202,16 +203,16 @@ def main(argv: list[str] | None = None) -> int:
 
     soft_dir = args.dir / "run-dual-soft"
     if args.joint:
-        dual_settings = DualTrainSettings(
-            epochs=args.epochs, device=args.device, mode="joint", **dual
+        dual_settings = DualTrainSettings.from_dict(
+            {"epochs": args.epochs, "device": args.device, "mode": "joint", **dual}
         )
     else:
-        dual_settings = DualTrainSettings(
-            epochs=args.epochs, device=args.device, mode="hard", **dual
+        dual_settings = DualTrainSettings.from_dict(
+            {"epochs": args.epochs, "device": args.device, "mode": "hard", **dual}
         )
         if not args.skip_train:
-            soft = DualTrainSettings(
-                epochs=args.soft_epochs, device=args.device, mode="soft", **dual
+            soft = DualTrainSettings.from_dict(
+                {"epochs": args.soft_epochs, "device": args.device, "mode": "soft", **dual}
             )
             t = time.perf_counter()
             summary = run_to_end(train_dual(cohort, soft_dir, soft), _progress("soft attention"))
@@ -223,8 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         "dual attention": (args.dir / "run-dual", dual_settings, "attention"),
         "random sampling": (
             args.dir / "run-random-sampling",
-            DualTrainSettings(
-                epochs=args.epochs, device=args.device, mode="hard", sampler="random", **dual
+            DualTrainSettings.from_dict(
+                {
+                    "epochs": args.epochs,
+                    "device": args.device,
+                    "mode": "hard",
+                    "sampler": "random",
+                    **dual,
+                }
             ),
             "random",
         ),

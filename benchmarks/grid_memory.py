@@ -108,7 +108,7 @@ def run_child(spec: dict) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = None
     if spec["optimizer"] == "adam":
-        optimizer = torch.optim.Adam(model.parameter_groups(), lr=1e-3)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     side = spec["size"] // spec["tile"]
     n_tiles = side * side
     cells = torch.arange(n_tiles)

@@ -168,22 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         run_dir = args.dir / f"run-{name}"
         if name == "grid":
-            settings = GridTrainSettings(
-                epochs=args.epochs,
-                max_hours=budget_hours,
-                device=args.device,
-                lesion_labels=False,
-                **{**GRID, **shared},
+            settings = GridTrainSettings.from_dict(
+                {
+                    "epochs": args.epochs,
+                    "max_hours": budget_hours,
+                    "device": args.device,
+                    "lesion_labels": False,
+                    **GRID,
+                    **shared,
+                }
             )
             work = train_grid(cohort, run_dir, settings)
         else:
-            settings = SlidingWindowSettings(
-                epochs=args.epochs,
-                max_hours=budget_hours,
-                device=args.device,
-                crop_um=shared["tile_um"],
-                input_px=shared["input_px"],
-                seed=shared["seed"],
+            settings = SlidingWindowSettings.from_dict(
+                {
+                    "epochs": args.epochs,
+                    "max_hours": budget_hours,
+                    "device": args.device,
+                    "crop_um": shared["tile_um"],
+                    "input_px": shared["input_px"],
+                    "seed": shared["seed"],
+                }
             )
             work = train_sliding_window(cohort, run_dir, settings)
         t = time.perf_counter()

@@ -29,8 +29,8 @@ def tiny_grid_model(tiny_cohort, tmp_path_factory):
     from napari_slide_attention.train.grid import GridTrainSettings, train_grid
 
     run = tmp_path_factory.mktemp("tiny-grid-run")
-    settings = GridTrainSettings(
-        epochs=1, tile_um=128.0, input_px=64, n_maps=4, chunk_tiles=32, normalise_tiles=16
+    settings = GridTrainSettings.from_dict(
+        dict(epochs=1, tile_um=128.0, input_px=64, n_maps=4, chunk_tiles=32, normalise_tiles=16)
     )
     summary = run_to_end(train_grid(tiny_cohort, run, settings))
     return summary.last

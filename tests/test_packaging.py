@@ -129,7 +129,8 @@ def test_importing_the_package_and_reader_loads_no_gui_or_torch():
         "import sys, napari_slide_attention, napari_slide_attention.slide.reader,"
         " napari_slide_attention.slide.tissue, napari_slide_attention.slide.stream,"
         " napari_slide_attention.cli, napari_slide_attention.results,"
-        " napari_slide_attention.progress, napari_slide_attention.train.cohort,"
+        " napari_slide_attention.jobs, napari_slide_attention.train.cohort,"
+        " napari_slide_attention.models.registry, napari_slide_attention.models.checkpoint,"
         " napari_slide_attention.train.metrics;"
         "bad = {'torch', 'napari', 'qtpy', 'PyQt5', 'PyQt6', 'vispy'} & set(sys.modules);"
         "print(sorted(bad))"
@@ -139,3 +140,22 @@ def test_importing_the_package_and_reader_loads_no_gui_or_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_reading_a_checkpoint_header_loads_no_torch(tiny_grid_model):
+    """A file picker on the GUI thread asks a checkpoint what it holds: no torch import."""
+    code = (
+        "import sys;"
+        "from napari_slide_attention.models.checkpoint import read_checkpoint;"
+        "from napari_slide_attention.models.registry import model_kind;"
+        "h = read_checkpoint(sys.argv[1], tensors=False);"
+        "print(h.kind, model_kind(h.kind).train_name, len(h.tensors), 'torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_grid_model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["grid-attention", "grid", "0", "False"]

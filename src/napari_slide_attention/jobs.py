@@ -12,10 +12,11 @@ caller:
 
 There is one stop mechanism: ``stop()`` (from any thread) makes the driver close the
 generator at its next event, so the generator's ``finally`` blocks run there (files
-closed, a subprocess stopped) and never in the middle of writing a file, and the
-driver raises ``Stopped``. Work that blocks between events (waiting on a subprocess)
-registers a hook with ``current_job().on_stop`` that ``stop()`` calls at once.
-No torch, no Qt here.
+closed, threads joined) and never in the middle of writing a file, and the driver
+raises ``Stopped``. Work that must wind down itself (a subprocess that saves its last
+checkpoint on SIGINT) registers a hook with ``current_job().on_stop``: ``stop()`` calls
+the hook at once, and the driver then lets the work run to its end and return its
+result (which says it was stopped) instead of closing it. No torch, no Qt here.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Job(Generic[T]):
         self._stop = threading.Event()
         self._reason = "stopped"
         self._hooks: list[Callable[[], Any]] = []
+        self._winds_down = False
         self._lock = threading.Lock()
 
     # -- stopping (any thread) ------------------------------------------------------------
@@ -118,8 +120,10 @@ class Job(Generic[T]):
         return self._reason
 
     def on_stop(self, hook: Callable[[], Any]) -> None:
-        """Call ``hook()`` when the job is stopped (at once when it already is)."""
+        """Call ``hook()`` when the job is stopped (at once when it already is); from then
+        on the work ends itself after a stop and its result is returned."""
         with self._lock:
+            self._winds_down = True
             if not self._stop.is_set():
                 self._hooks.append(hook)
                 return
@@ -130,10 +134,11 @@ class Job(Generic[T]):
         """The job's events, for a GUI thread worker; returns the job's result.
 
         Raises:
-            Stopped: ``stop()`` was called; the generator has been closed.
+            Stopped: ``stop()`` was called; the generator has been closed (not for work
+                that winds down itself, see ``on_stop``).
         """
         while True:
-            if self._stop.is_set():
+            if self._must_close():
                 self._close()
             token = _CURRENT.set(self)
             try:
@@ -144,15 +149,15 @@ class Job(Generic[T]):
             except Stopped:
                 raise
             except Exception:
-                # A stop hook may make blocked work fail (a subprocess killed, a pipe
-                # closed): once stop() has been called, that failure is the stop.
-                if self._stop.is_set():
+                # A stop may make blocked work fail (a pipe closed under it): once stop()
+                # has been called, that failure is the stop.
+                if self._must_close():
                     self._close()
                 raise
             finally:
                 _CURRENT.reset(token)
             self.events_seen += 1
-            if self._stop.is_set():
+            if self._must_close():
                 self._close()
             yield event
 
@@ -170,6 +175,9 @@ class Job(Generic[T]):
                 return end.value
             if on_progress is not None:
                 on_progress(event)
+
+    def _must_close(self) -> bool:
+        return self._stop.is_set() and not self._winds_down
 
     def _close(self) -> None:
         token = _CURRENT.set(self)

@@ -32,10 +32,13 @@ from napari_slide_attention._napari.finetune import (
     parse_evaluation,
     parse_event,
     read_log,
+    slide_options,
     train_command_kind,
 )
 from napari_slide_attention.cli import build_parser
+from napari_slide_attention.cli.parser import tissue_params
 from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.slide.tissue import TissueParams
 from napari_slide_attention.train.cohort import write_cohort
 from napari_slide_attention.train.metrics import evaluate
 
@@ -63,7 +66,8 @@ def test_grid_command_takes_the_model_from_the_base_checkpoint(tiny_grid_model, 
         lr=2.5e-5,
         trainable_blocks=2,
         device="cpu",
-        extra_args=("--chunk-tiles", "32", "--set", "kernel=5"),
+        tissue=TissueParams(method="od", closing_radius_um=8.0, smooth_sigma_um=4.0),
+        extra_args=("--chunk-tiles", "32", "--set", "lr_decay=0.9"),
     )
     argv = request.command()
     assert argv[:5] == [*CLI, "train", "grid"]
@@ -74,48 +78,41 @@ def test_grid_command_takes_the_model_from_the_base_checkpoint(tiny_grid_model, 
     assert float(_option(argv, "--lr")) == 2.5e-5
     assert _option(argv, "--epochs") == "3" and _option(argv, "--trainable-blocks") == "2"
     assert "--events" in argv and _option(argv, "--device") == "cpu"
-    # the settings that shape the model are the base's (tiny: 4 maps, 128 µm -> 64 px)
-    assert float(_option(argv, "--tile-um")) == 128.0
-    assert _option(argv, "--input-px") == "64" and _option(argv, "--n-maps") == "4"
-    assert _sets(argv[:-4]) == {"kernel": 3, "dropout": 0.5, "hidden": []}
-    # extra options come last, so they win over what the checkpoint gave
-    assert argv[-4:] == ["--chunk-tiles", "32", "--set", "kernel=5"]
+    # the settings that shape the model come from the checkpoint itself (train --init)
+    for option in ("--tile-um", "--input-px", "--n-maps"):
+        assert option not in argv
+    assert _sets(argv[:-4]) == {}
+    # extra options come last, so they win
+    assert argv[-4:] == ["--chunk-tiles", "32", "--set", "lr_decay=0.9"]
     args = build_parser().parse_args(argv[3:])
-    assert args.events and args.init == str(tiny_grid_model) and args.set[-1] == "kernel=5"
+    assert args.events and args.init == str(tiny_grid_model) and args.set[-1] == "lr_decay=0.9"
+    # the Slide panel's tissue detection reaches the training process
+    assert tissue_params(args) == request.tissue
 
 
-def test_dual_command_copies_the_parts_settings_and_has_no_trainable_blocks(tmp_path):
-    hard = {"glimpses": 4, "tile_px": 128, "hidden": [128, 64], "mean": [0.8, 0.6, 0.7]}
+def test_dual_command_names_the_model_and_has_no_trainable_blocks(tmp_path):
     header = SimpleNamespace(
         kind="dual-attention",
-        config={
-            "classes": ["a", "b"],
-            "tile_um": 128.0,
-            "n_tiles": 8,
-            "candidates": None,
-            "noise": [0.0, 1.0],
-            "soft": {"pool": 4},
-            "hard": hard,
-        },
+        config={"classes": ["a", "b"], "tile_um": 128.0, "n_tiles": 8, "soft": {"pool": 4}},
     )
-    request = FineTuneRequest(tmp_path / "c.csv", tmp_path / "run" / "last.safetensors")
+    request = FineTuneRequest(tmp_path / "c.csv", tmp_path / "run" / "last.safetensors", mpp=0.25)
     argv = request.command(header)
     assert argv[3:5] == ["train", "dual"] and "--trainable-blocks" not in argv
-    assert _option(argv, "--n-tiles") == "8" and float(_option(argv, "--tile-um")) == 128.0
-    assert _sets(argv) == {"noise": [0.0, 1.0], "soft": {"pool": 4}, "hard": hard}
-    assert "candidates=null" not in " ".join(argv)  # None keeps the default
+    assert "--n-tiles" not in argv and _sets(argv) == {}  # the checkpoint brings them
+    assert _option(argv, "--mpp") == "0.25" and "--tissue" not in argv  # default tissue
     args = build_parser().parse_args(argv[3:])
-    assert args.model == "dual" and args.classes == "a,b"
+    assert args.model == "dual" and args.classes == "a,b" and args.mpp == 0.25
 
 
 def test_dual_command_rebuilds_the_base_model_for_init(tmp_path):
-    """The settings the CLI makes of the command build a model the base's weights fit."""
-    from napari_slide_attention.cli import _settings
-    from napari_slide_attention.models.checkpoint import save_checkpoint
+    """The settings the CLI makes of the command, with the checkpoint's model settings
+    (what ``train --init`` does), build a model the base's weights fit."""
+    from napari_slide_attention.cli.models import _settings
+    from napari_slide_attention.models.checkpoint import read_checkpoint, save_checkpoint
     from napari_slide_attention.models.dual_attention import DualAttention
     from napari_slide_attention.train.dual import CPU_PRESET, DualTrainSettings
 
-    base = DualAttention(DualTrainSettings(**CPU_PRESET).model_config(("a", "b", "c")))
+    base = DualAttention(DualTrainSettings.from_dict(CPU_PRESET).model_config(("a", "b", "c")))
     base.set_normalisation([0.8, 0.6, 0.7], [0.1, 0.1, 0.1])
     path = save_checkpoint(
         tmp_path / "run" / "best.safetensors",
@@ -126,9 +123,10 @@ def test_dual_command_rebuilds_the_base_model_for_init(tmp_path):
     )
     argv = FineTuneRequest(tmp_path / "c.csv", path).command()
     settings = _settings(DualTrainSettings, build_parser().parse_args(argv[3:]))
+    settings = settings.with_model(read_checkpoint(path, tensors=False).config)
     again = DualAttention(settings.model_config(("a", "b", "c")))
     again.load_state_dict(base.state_dict(), strict=True)  # what --init does
-    assert settings.tile_um == 128.0 and settings.hard["glimpses"] == 4
+    assert settings.model["tile_um"] == 128.0 and settings.model["hard"]["glimpses"] == 4
 
 
 def test_sliding_window_checkpoints_are_refused(tmp_path):
@@ -247,11 +245,17 @@ def _report(*models) -> str:
 
 
 def test_evaluate_command_and_its_before_after_rows(tmp_path):
-    argv = evaluate_command("a.safetensors", "b.safetensors", "c.csv", "val", classes=CLASSES)
+    tissue = TissueParams(min_piece_area_um2=1000.0)
+    options = slide_options(tissue, 0.5)
+    argv = evaluate_command(
+        "a.safetensors", "b.safetensors", "c.csv", "val", classes=CLASSES, options=options
+    )
     args = build_parser().parse_args(argv[3:])
     assert argv[:4] == [*CLI, "evaluate"]
     assert args.model == ["a.safetensors", "b.safetensors"] and args.split == "val"
     assert args.json and args.classes == ",".join(CLASSES) and args.device == "auto"
+    # the before/after evaluation finds tissue and reads pixels as the training did
+    assert tissue_params(args) == tissue and args.mpp == 0.5
 
     truth = [0, 1, 2, 3]
     flat = np.full((4, 4), 0.25)
@@ -478,7 +482,7 @@ def test_stop_mid_run_keeps_the_last_checkpoint(
     qtbot.waitUntil(lambda: not panel.running, timeout=120_000)
     outcome = panel.outcome
     assert outcome.status == "stopped", panel.error.toPlainText()
-    assert outcome.returncode == EXIT_STOPPED == panel.job.process.returncode
+    assert outcome.returncode == EXIT_STOPPED == panel.process.process.returncode
     assert 1 <= outcome.epochs_done < 50
     last = tmp_path / "ft" / "last.safetensors"
     assert outcome.last == last and last.is_file()
@@ -523,7 +527,7 @@ def test_closing_the_panel_mid_run_stops_its_training(
     panel.base.setCurrentText(str(tiny_grid_model))
     _fill(panel, tiny_cohort.path, tmp_path / "ft", epochs=50)
     panel.start()
-    job, worker = panel.job, panel.worker
+    job, worker = panel.process, panel.worker
     events: list[dict] = []
     worker.yielded.connect(events.append)
     # the CLI is under way (a signal while Python starts ends it in other ways)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from napari_slide_attention._napari.session import session_for
-from napari_slide_attention.labels import LabelStore
 from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.labels import LabelStore
 
 PLUGIN = "napari-slide-attention"
 

@@ -250,6 +250,32 @@ def test_damaged_header_raises(tmp_path):
         read_checkpoint(path)
 
 
+def test_a_config_that_is_not_an_object_is_a_damaged_header(tmp_path):
+    path = tmp_path / "list.safetensors"
+    header = {"format": "napari-slide-attention", "version": "1", "kind": "grid-attention"}
+    save_file({"w": torch.zeros(2)}, str(path), metadata={**header, "config": "[1, 2]"})
+    for tensors in (True, False):
+        with pytest.raises(CheckpointError, match="damaged header"):
+            read_checkpoint(path, tensors=tensors)
+
+
+def test_header_read_alone_gives_kind_and_config_without_weights(grid_checkpoint):
+    _, path = grid_checkpoint
+    header = read_checkpoint(path, tensors=False)
+    full = read_checkpoint(path)
+    assert header.kind == full.kind == "grid-attention"
+    assert header.config == full.config and header.extra == full.extra
+    assert header.tensors == {} and full.tensors
+
+
+def test_a_header_length_past_the_end_of_the_file_is_refused(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="does not fit the file") as info:
+        read_checkpoint(path, tensors=False)
+    assert str(path) in str(info.value)
+
+
 @pytest.mark.parametrize("keep", [-1, -17, 12, 0])
 def test_truncated_or_empty_file_raises_naming_it(tmp_path, keep):
     path = _small_file(tmp_path)

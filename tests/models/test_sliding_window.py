@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import napari_slide_attention.models as models_package
-from napari_slide_attention.models import checkpoint as checkpoint_module
 from napari_slide_attention.models.checkpoint import load_model, save_checkpoint
+from napari_slide_attention.models.device import Autocast
 from napari_slide_attention.models.sliding_window import (
     CropClassifier,
     SlidingWindowConfig,
@@ -131,7 +131,10 @@ def test_prepare_and_forward_shapes():
     x = model.prepare(tiles)
     assert x.shape == (3, 3, 32, 32)
     assert model(tiles).shape == (3, 4)
-    probs = model.predict_chunks([tiles[:2], tiles[2:]])
+    autocast = Autocast(torch.device("cpu"), False)
+    probs = torch.cat(
+        [model.probabilities(t, torch.device("cpu"), autocast) for t in (tiles[:2], tiles[2:])]
+    )
     torch.testing.assert_close(probs, torch.softmax(model(tiles), 1), rtol=1e-5, atol=1e-6)
 
 
@@ -166,7 +169,6 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, monkeypatch):
     # load_model must find the kind on its own, as in a fresh process where nothing imported
     # the sliding-window module yet
     name = "napari_slide_attention.models.sliding_window"
-    monkeypatch.delitem(checkpoint_module._MODELS, "sliding-window")
     monkeypatch.delitem(sys.modules, name)
     monkeypatch.delattr(models_package, "sliding_window")
     loaded, checkpoint = load_model(path)

@@ -97,6 +97,21 @@ def test_write_then_read_round_trip(tmp_path):
     ]
 
 
+def test_a_pixel_size_per_slide_or_for_the_whole_cohort(tmp_path):
+    path = _csv(tmp_path, "slide,label,split,mpp\na.tif,x,train,0.25\nb.tif,y,test,\n")
+    cohort = read_cohort(path)
+    assert [e.mpp for e in cohort] == [0.25, None]  # None: the file's own
+    again = read_cohort(write_cohort(tmp_path / "copy.csv", cohort))
+    assert [e.mpp for e in again] == [0.25, None]
+    assert [e.mpp for e in cohort.with_mpp(0.5)] == [0.5, 0.5]  # --mpp: every slide
+    assert cohort.with_mpp(None) is cohort
+    with pytest.raises(ValueError, match="positive number"):
+        cohort.with_mpp(0)
+    bad = _csv(tmp_path, "slide,label,split,mpp\na.tif,x,train,abc\nb.tif,y,test,\n")
+    with pytest.raises(CohortError, match=r"cohort.csv, line 2: mpp 'abc' is not a positive"):
+        read_cohort(bad)
+
+
 def test_synthetic_cohort_is_deterministic_and_reads_lesions_from_sidecars(tmp_path):
     per = {"train": 1, "val": 0, "test": 1}
     a = make_synthetic_cohort(

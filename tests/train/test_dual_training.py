@@ -9,21 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
-from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
-from napari_slide_attention.jobs import run_to_end
-from napari_slide_attention.results import SlideResult
-from napari_slide_attention.slide.reader import open_slide
-from napari_slide_attention.train.data import read_tiles, read_view
-from napari_slide_attention.train.dual import (
-    DualTrainSettings,
-    _mixed_steps,
+from napari_slide_attention.inference.dual import (
     glimpse_geometry,
-    predict_slide_dual,
+    predict_dual,
     select_tiles,
     slide_call,
-    train_dual,
 )
+from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
+from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
+from napari_slide_attention.results import SlideResult
+from napari_slide_attention.slide.reader import open_slide
+from napari_slide_attention.slide.sampling import read_tiles, read_view
+from napari_slide_attention.train.dual import DualTrainSettings, _mixed_steps, train_dual
 
 SMALL_HARD = {
     "glimpses": 3,
@@ -49,7 +47,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def dual_run(tiny_cohort, tmp_path_factory):
     run = tmp_path_factory.mktemp("dual-run")
-    settings = DualTrainSettings(epochs=2, **SMALL)
+    settings = DualTrainSettings.from_dict({"epochs": 2, **SMALL})
     events = []
     summary = run_to_end(train_dual(tiny_cohort, run, settings), events.append)
     return run, summary, events, settings
@@ -80,13 +78,13 @@ def test_training_writes_checkpoints_logs_and_events(dual_run):
 
 def test_resume_continues_and_refuses_other_settings(dual_run, tiny_cohort, tmp_path):
     run, _, _, settings = dual_run
-    more = DualTrainSettings(**{**settings.to_dict(), "epochs": 3})
+    more = DualTrainSettings.from_dict({**settings.to_dict(), "epochs": 3})
     with pytest.raises(ValueError, match="other settings"):
         run_to_end(train_dual(tiny_cohort, run, more))
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_cohort, tmp_path):
-    settings = DualTrainSettings(epochs=2, **SMALL)
+    settings = DualTrainSettings.from_dict({"epochs": 2, **SMALL})
     straight = run_to_end(train_dual(tiny_cohort, tmp_path / "a", settings))
     work = train_dual(tiny_cohort, tmp_path / "b", settings)
     for event in work:  # stop the run after its first epoch, as a kill would
@@ -106,9 +104,9 @@ def test_predict_gives_tiles_glimpses_and_a_call(dual_run, tiny_cohort, tmp_path
     _, summary, _, settings = dual_run
     entry = tiny_cohort.split("test")[2]
     events = []
-    result = run_to_end(predict_slide_dual(summary.best, entry.slide, seed=3), events.append)
+    result = run_to_end(predict_dual(summary.best, entry.slide, seed=3), events.append)
     assert result.model_kind == "dual-attention"
-    n, t, k = settings.n_tiles, SMALL_HARD["glimpses"], 4
+    n, t, k = settings.model["n_tiles"], SMALL_HARD["glimpses"], 4
     a = result.arrays
     assert a["tile_boxes"].shape == (n, 4) and a["tile_probabilities"].shape == (n, k)
     assert a["glimpse_centres"].shape == (n, t, 2)
@@ -124,9 +122,13 @@ def test_predict_gives_tiles_glimpses_and_a_call(dual_run, tiny_cohort, tmp_path
     votes = np.bincount(a["tile_classes"], minlength=k)
     assert votes[result.predicted] == votes.max()
     np.testing.assert_allclose(result.probabilities, a["tile_probabilities"].mean(0), rtol=1e-5)
-    assert {"tissue", "attention", "glimpses"} <= {e.stage for e in events}
+    assert {"tissue", "attention", "tiles"} <= {e.stage for e in events}
+    # one "tiles" event per tile's glimpses: progress (and a stop) between tiles
+    assert [(e.done, e.total) for e in events if e.stage == "tiles"] == [
+        (i, n) for i in range(1, n + 1)
+    ]
     # same seed, same result; saved and loaded back identically
-    again = run_to_end(predict_slide_dual(summary.best, entry.slide, seed=3))
+    again = run_to_end(predict_dual(summary.best, entry.slide, seed=3))
     np.testing.assert_array_equal(again.arrays["tile_boxes"], a["tile_boxes"])
     result.save(tmp_path / "r")
     loaded = SlideResult.load(tmp_path / "r")
@@ -136,12 +138,14 @@ def test_predict_gives_tiles_glimpses_and_a_call(dual_run, tiny_cohort, tmp_path
 
 
 def test_random_sampler_baseline_trains_hard_attention_only(tiny_cohort, tmp_path):
-    settings = DualTrainSettings(epochs=1, mode="hard", sampler="random", **SMALL)
+    settings = DualTrainSettings.from_dict(
+        {"epochs": 1, "mode": "hard", "sampler": "random", **SMALL}
+    )
     summary = run_to_end(train_dual(tiny_cohort, tmp_path, settings))
     log = json.loads((tmp_path / "log.json").read_text())
     assert "soft_loss" not in log[0] and "hard_loss" in log[0]
     result = run_to_end(
-        predict_slide_dual(summary.best, tiny_cohort.split("test")[0].slide, sampler="random")
+        predict_dual(summary.best, tiny_cohort.split("test")[0].slide, sampler="random")
     )
     assert result.info["sampler"] == "random"
     with pytest.raises(ValueError, match="mode 'hard'"):
@@ -149,7 +153,7 @@ def test_random_sampler_baseline_trains_hard_attention_only(tiny_cohort, tmp_pat
 
 
 def test_soft_only_training_is_validated_by_the_soft_attentions_own_call(tiny_cohort, tmp_path):
-    settings = DualTrainSettings(epochs=2, mode="soft", **SMALL)
+    settings = DualTrainSettings.from_dict({"epochs": 2, "mode": "soft", **SMALL})
     summary = run_to_end(train_dual(tiny_cohort, tmp_path, settings))
     log = json.loads((tmp_path / "log.json").read_text())
     assert "hard_loss" not in log[0] and "soft_loss" in log[0]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.models.checkpoint import load_model, read_checkpoint
 from napari_slide_attention.models.grid_attention import GridAttention
-from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.train.grid import GridTrainSettings, slide_loss, train_grid
 
 
@@ -26,7 +26,7 @@ def tiny_settings(**kw) -> GridTrainSettings:
         augment=True,
     )
     values.update(kw)
-    return GridTrainSettings(**values)
+    return GridTrainSettings.from_dict(values)
 
 
 def test_paper_schedule():
@@ -36,8 +36,41 @@ def test_paper_schedule():
     assert s.learning_rate(50) == pytest.approx(1e-4)
     assert s.learning_rate(51) == pytest.approx(1e-4 * 0.95)
     assert s.learning_rate(149) == pytest.approx(1e-4 * 0.95**49)
-    assert (s.epochs, s.samples_per_step, s.n_maps, s.kernel, s.dropout) == (200, 2, 64, 3, 0.5)
-    assert s.scale_range == (0.8, 1.2) and s.input_px == 224 and s.trainable_blocks == 1
+    m = s.model  # the model's settings, nested: the config's defaults (the paper's)
+    assert (s.epochs, s.samples_per_step, m["n_maps"], m["kernel"], m["dropout"]) == (
+        200,
+        2,
+        64,
+        3,
+        0.5,
+    )
+    assert s.scale_range == (0.8, 1.2) and m["input_px"] == 224 and m["trainable_blocks"] == 1
+
+
+def test_model_settings_nest_and_flat_ones_are_read_into_them():
+    flat = GridTrainSettings.from_dict({"epochs": 3, "n_maps": 8, "hidden": (16,)})
+    nested = GridTrainSettings.from_dict({"epochs": 3, "model": {"n_maps": 8, "hidden": [16]}})
+    assert flat == nested and flat.model["n_maps"] == 8 and flat.model["tile_um"] == 246.0
+    assert flat.model_config(("a", "b", "c")).hidden == (16,)
+    assert GridTrainSettings.from_dict(flat.to_dict()) == flat  # the record round trip
+    with pytest.raises(ValueError, match="unknown grid-attention model settings: maps"):
+        GridTrainSettings(model={"maps": 8})
+    with pytest.raises(ValueError, match="kernel a positive odd number"):  # the config's check
+        GridTrainSettings.from_dict({"kernel": 4})
+    with pytest.raises(ValueError, match="n_maps given twice"):
+        GridTrainSettings.from_dict({"n_maps": 8, "model": {"n_maps": 4}})
+
+
+def test_init_takes_the_model_settings_from_the_checkpoint(tiny_grid_model):
+    from napari_slide_attention.models.checkpoint import read_checkpoint
+
+    config = read_checkpoint(tiny_grid_model, tensors=False).config
+    taken = GridTrainSettings.from_dict({"trainable_blocks": 2}).with_model(config)
+    assert taken.model["n_maps"] == config["n_maps"] == 4
+    assert taken.model["tile_um"] == config["tile_um"]
+    assert taken.model["trainable_blocks"] == 2  # how much trains stays the fine-tune's
+    with pytest.raises(ValueError, match=r"n_maps=16 \(the checkpoint's: 4\)"):
+        GridTrainSettings.from_dict({"n_maps": 16}).with_model(config)
 
 
 def test_a_run_writes_checkpoints_logs_and_state(tiny_cohort, tmp_path):
@@ -140,6 +173,24 @@ def test_resuming_with_other_settings_is_refused(tiny_cohort, tmp_path):
     run_to_end(
         train_grid(tiny_cohort, tmp_path / "run", tiny_settings(epochs=1, lr=0.1), resume=False)
     )
+
+
+def test_a_run_folder_from_before_the_settings_nested_still_resumes(tiny_cohort, tmp_path):
+    settings = tiny_settings(epochs=1)
+    run_to_end(train_grid(tiny_cohort, tmp_path / "run", settings))
+    record_file = tmp_path / "run" / "settings.json"
+    record = json.loads(record_file.read_text())
+    flat = {k: v for k, v in record["settings"].items() if k != "model"}
+    record["settings"] = {**flat, **record["settings"]["model"]}  # the old, flat layout
+    record_file.write_text(json.dumps(record))
+    events = []
+    run_to_end(train_grid(tiny_cohort, tmp_path / "run", settings), events.append)
+    assert any(e.stage == "resume" and e.done == 1 for e in events)
+    # a record this version cannot read says what to do
+    record["settings"]["retired_option"] = 1
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"cannot read.*retired_option.*--no-resume"):
+        run_to_end(train_grid(tiny_cohort, tmp_path / "run", settings))
 
 
 def test_fine_tuning_starts_from_a_checkpoint(tiny_cohort, tmp_path):

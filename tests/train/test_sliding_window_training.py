@@ -9,34 +9,36 @@ import numpy as np
 import pytest
 import torch
 
+from napari_slide_attention.inference.sliding_window import predict_sliding_window
+from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.models.checkpoint import read_checkpoint
 from napari_slide_attention.models.sliding_window import CropClassifier, aggregate_tiles
-from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.results import SlideResult
+from napari_slide_attention.slide.sampling import slide_pieces, tile_edge_px
 from napari_slide_attention.train import sliding_window as sw
 from napari_slide_attention.train.cohort import Cohort, make_synthetic_cohort
-from napari_slide_attention.train.data import slide_pieces, tile_edge_px
 from napari_slide_attention.train.sliding_window import (
     SlidingWindowSettings,
-    predict_slide_sliding_window,
     train_sliding_window,
     tune_thresholds,
 )
 
 # The thresholds tried are not the default 0.5, so tuned values in the checkpoint show.
-SETTINGS = SlidingWindowSettings(
-    epochs=2,
-    batch_size=8,
-    crops_per_lesion=1,
-    negatives_per_slide=2,
-    crop_um=64.0,
-    input_px=16,
-    trainable_blocks=1,
-    normalise_tiles=4,
-    chunk_tiles=16,
-    device="cpu",
-    threshold_grid=(0.3, 0.7),
-    min_count_grid=(1, 2),
+SETTINGS = SlidingWindowSettings.from_dict(
+    dict(
+        epochs=2,
+        batch_size=8,
+        crops_per_lesion=1,
+        negatives_per_slide=2,
+        crop_um=64.0,
+        input_px=16,
+        trainable_blocks=1,
+        normalise_tiles=4,
+        chunk_tiles=16,
+        device="cpu",
+        threshold_grid=(0.3, 0.7),
+        min_count_grid=(1, 2),
+    )
 )
 
 
@@ -143,7 +145,7 @@ def test_predict_slide_gives_tile_probabilities_on_the_pieces_grid(resumed, coho
     entry = cohort.split("val")[3]
     events = []
     result = run_to_end(
-        predict_slide_sliding_window(root / "cut" / "best.safetensors", entry.slide, device="cpu"),
+        predict_sliding_window(root / "cut" / "best.safetensors", entry.slide, device="cpu"),
         events.append,
     )
     assert [e.stage for e in events] == ["tissue", "tissue", "piece"]
@@ -237,5 +239,5 @@ def test_predict_refuses_other_models():
 
     grid = GridAttention(GridAttentionConfig(classes=("a", "b"), input_px=32))
     with pytest.raises(TypeError, match="sliding-window"):
-        next(predict_slide_sliding_window(grid, "nowhere.tif"))
+        next(predict_sliding_window(grid, "nowhere.tif"))
     assert issubclass(CropClassifier, torch.nn.Module)

@@ -36,11 +36,9 @@ from .layers import (
 # The demo model: small enough to train in a few minutes on 2 CPU cores.
 DEMO_TRAINING = {
     "epochs": 6,
-    "tile_um": 64.0,
-    "input_px": 64,
-    "n_maps": 16,
     "chunk_tiles": 128,
     "lesion_labels": False,
+    "model": {"tile_um": 64.0, "input_px": 64, "n_maps": 16},
 }
 DEMO_COHORT = {"slides_per_class": {"train": 3, "val": 1}, "size": (3072, 2048), "n_pieces": 1}
 # The demo's dual-attention model: the dual needle benchmark's small CPU sizes
@@ -71,11 +69,11 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
     if kind == "grid":
         from ..train.grid import GridTrainSettings, train_grid
 
-        training = train_grid(cohort, run, GridTrainSettings(**DEMO_TRAINING))
+        training = train_grid(cohort, run, GridTrainSettings.from_dict(DEMO_TRAINING))
     elif kind == "dual":
         from ..train.dual import CPU_PRESET, DualTrainSettings, train_dual
 
-        settings = DualTrainSettings(**{**CPU_PRESET, **DEMO_DUAL})
+        settings = DualTrainSettings.from_dict({**CPU_PRESET, **DEMO_DUAL})
         training = train_dual(cohort, run, settings)  # resumes an interrupted run
     else:
         raise ValueError(f"kind must be 'grid' or 'dual', got {kind!r}")

@@ -33,6 +33,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..jobs import current_job
+from ..slide.tissue import TissueParams
+
 __all__ = [
     "EXIT_STOPPED",
     "FineTuneOutcome",
@@ -48,42 +51,12 @@ __all__ = [
     "parse_evaluation",
     "parse_event",
     "read_log",
+    "slide_options",
     "train_command_kind",
 ]
 
 EXIT_STOPPED = 130  # the CLI's status for a run ended by SIGINT/SIGTERM (128 + SIGINT)
 CLI = (sys.executable, "-m", "napari_slide_attention.cli")
-
-# Checkpoint kind -> the ``train`` model that takes it with ``--init``.
-_TRAIN_MODELS = {"grid-attention": "grid", "dual-attention": "dual"}
-
-# Settings that shape the model's tensors or what its tiles are, copied from the base
-# checkpoint's config so the new run builds the same model (``--init`` loads the weights
-# strictly): (config key, the train option that sets it, or None for ``--set KEY=JSON``).
-_ARCHITECTURE: dict[str, tuple[tuple[str, str | None], ...]] = {
-    "grid": (
-        ("n_maps", "--n-maps"),
-        ("tile_um", "--tile-um"),
-        ("input_px", "--input-px"),
-        ("kernel", None),
-        ("dropout", None),
-        ("hidden", None),
-    ),
-    "dual": (
-        ("tile_um", "--tile-um"),
-        ("n_tiles", "--n-tiles"),
-        ("view_downsample", None),
-        ("candidates", None),
-        ("min_distance", None),
-        ("refine", None),
-        ("noise", None),
-        ("feature_px", None),
-        ("feature_width", None),
-        ("soft", None),
-        ("hard", None),
-        ("joint_alpha", None),
-    ),
-}
 
 # Lines of a failed process's stderr log shown in the panel.
 _TAIL_LINES = 40
@@ -101,8 +74,14 @@ def train_command_kind(kind: str) -> str:
         ValueError: a sliding-window checkpoint (its training has no ``--init``) or a kind
             this plugin does not train.
     """
-    if kind in _TRAIN_MODELS:
-        return _TRAIN_MODELS[kind]
+    from ..models.registry import model_kind
+
+    try:
+        entry = model_kind(kind)
+    except ValueError:
+        entry = None
+    if entry is not None and entry.fine_tunes:
+        return entry.train_name
     if kind == "sliding-window":
         raise ValueError(
             "a sliding-window checkpoint cannot be fine-tuned: its training has no --init "
@@ -151,8 +130,10 @@ class FineTuneRequest:
         trainable_blocks: trunk stages that train (grid attention; 1 = the last
             residual stage, the paper's choice).
         device: "auto", "cpu" or "cuda".
-        extra_args: more ``train`` options, appended last (so they win over the
-            settings copied from the base checkpoint).
+        tissue: the tissue detection the Slide panel shows (None: the defaults); training
+            and the before/after evaluation find tissue with it.
+        mpp: µm per pixel for every slide of the cohort (None: the files' own).
+        extra_args: more ``train`` options, appended last (so they win).
     """
 
     cohort: Path
@@ -163,6 +144,8 @@ class FineTuneRequest:
     lr: float = 1e-4
     trainable_blocks: int = 1
     device: str = "auto"
+    tissue: TissueParams | None = None
+    mpp: float | None = None
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -177,6 +160,13 @@ class FineTuneRequest:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
         if not 1 <= self.trainable_blocks <= 5:
             raise ValueError(f"trainable blocks must be 1 to 5, got {self.trainable_blocks}")
+        if self.mpp is not None and not 0 < self.mpp < math.inf:
+            raise ValueError(f"the pixel size must be a positive number of µm, got {self.mpp}")
+
+    def slide_options(self) -> list[str]:
+        """Returns the options that make ``train`` and ``evaluate`` read the slides as the
+        viewer does: ``--tissue NAME=VALUE`` per changed tissue parameter, ``--mpp``."""
+        return slide_options(self.tissue, self.mpp)
 
     @property
     def run_dir(self) -> Path:
@@ -197,8 +187,9 @@ class FineTuneRequest:
     def command(self, header=None) -> list[str]:
         """Returns the argv of the training process (``python -m ... train ... --events``).
 
-        The model (grid or dual), the class order and the settings that shape the model
-        come from the base checkpoint's header, so ``--init`` finds the same model.
+        The model (grid or dual) and the class order come from the base checkpoint's
+        header; ``train --init`` takes the settings that shape the model from the
+        checkpoint itself.
 
         Args:
             header: the base's header when already read (else it is read here).
@@ -220,15 +211,7 @@ class FineTuneRequest:
         argv += ["--epochs", str(self.epochs), "--lr", repr(float(self.lr))]
         if model == "grid":  # the dual model's parts all train
             argv += ["--trainable-blocks", str(self.trainable_blocks)]
-        argv += ["--device", self.device]
-        for key, option in _ARCHITECTURE[model]:
-            if key not in config or config[key] is None:
-                continue
-            value = config[key]
-            if option is None:
-                argv += ["--set", f"{key}={json.dumps(value, separators=(',', ':'))}"]
-            else:
-                argv += [option, repr(value) if isinstance(value, float) else str(value)]
+        argv += ["--device", self.device, *self.slide_options()]
         return argv + list(self.extra_args)
 
 
@@ -325,6 +308,7 @@ def evaluate_command(
     device: str = "auto",
     classes: Sequence[str] | None = None,
     labels: str | os.PathLike | None = None,
+    options: Sequence[str] = (),
 ) -> list[str]:
     """Returns the argv of ``slide-attention evaluate`` on the base and the new checkpoint
     (in that order) with ``--json``.
@@ -338,6 +322,7 @@ def evaluate_command(
         classes: the class order (the base's), so the cohort's labels map to it.
         labels: a label store whose corrected slide labels are the truth (the
             annotators' corrections judge both checkpoints).
+        options: more options, e.g. ``FineTuneRequest.slide_options()``.
     """
     argv = [*CLI, "evaluate", "--model", str(base), "--model", str(new)]
     argv += ["--cohort", str(cohort), "--split", split, "--device", device, "--json"]
@@ -345,6 +330,18 @@ def evaluate_command(
         argv += ["--classes", ",".join(classes)]
     if labels:
         argv += ["--labels", str(labels)]
+    return argv + list(options)
+
+
+def slide_options(tissue: TissueParams | None, mpp: float | None) -> list[str]:
+    """Returns ``--tissue NAME=VALUE`` for each tissue parameter that differs from the
+    defaults, and ``--mpp`` when given: what another process needs to read the slides
+    and find their tissue as the viewer does."""
+    argv: list[str] = []
+    for name, value in (tissue.changed() if tissue is not None else {}).items():
+        argv += ["--tissue", f"{name}={json.dumps(value)}"]
+    if mpp is not None:
+        argv += ["--mpp", repr(float(mpp))]
     return argv
 
 
@@ -542,9 +539,13 @@ def _follow(lines: Iterable[str]) -> Generator[dict[str, Any], None, None]:
 
 
 def fine_tune(
-    request: FineTuneRequest, job: ProcessJob
+    request: FineTuneRequest, job: ProcessJob | None = None
 ) -> Generator[dict[str, Any], None, FineTuneOutcome]:
     """Returns how the fine-tune ended, after yielding its events.
+
+    Driven by a ``jobs.Job``, the job's stop reaches the processes (``ProcessJob.stop``:
+    SIGINT, then SIGTERM and a kill) and the fine-tune winds down: the training process
+    keeps its last checkpoint and the outcome says "stopped".
 
     Trains in a separate process (``request.command()``), its stderr kept in
     ``<out>/train.log``; when it finishes, evaluates the base and the new best
@@ -557,6 +558,10 @@ def fine_tune(
         ``data.log``) before each process and "evaluate" (``done``/``total`` slides)
         while evaluating.
     """
+    job = job if job is not None else ProcessJob()
+    driver = current_job()
+    if driver is not None:
+        driver.on_stop(job.stop)
     out = request.run_dir
     try:
         header = request.base_header()
@@ -633,6 +638,7 @@ def _evaluate(
         device=request.device,
         classes=classes,
         labels=request.labels,
+        options=request.slide_options(),
     )
     report, log = out / "evaluate.json", out / "evaluate.log"
     yield {

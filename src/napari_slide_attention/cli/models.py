@@ -59,10 +59,11 @@ _TRAIN_OPTIONS = (
 
 
 def _settings(cls, args: argparse.Namespace):
-    """Returns the training settings ``cls`` made of the options and ``--set`` pairs."""
+    """Returns the training settings ``cls`` made of the options and ``--set`` pairs (a
+    model setting given flat, ``--n-maps`` or ``--set kernel=5``, goes into ``model``)."""
     from dataclasses import fields
 
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} | set(cls.model_keys())
     values = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k, None) is not None}
     if "crop_um" in known and "tile_um" in values:  # the crop classifier's tile edge
         values["crop_um"] = values.pop("tile_um")
@@ -76,7 +77,7 @@ def _settings(cls, args: argparse.Namespace):
             f"unknown setting(s) for this model: {', '.join(unknown)}; known: "
             f"{', '.join(sorted(known))}"
         )
-    return cls(**values)
+    return cls.from_dict(values)
 
 
 def _cohort(args: argparse.Namespace):
@@ -84,7 +85,7 @@ def _cohort(args: argparse.Namespace):
     from ..train.cohort import read_cohort
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    return read_cohort(args.cohort, classes)
+    return read_cohort(args.cohort, classes).with_mpp(getattr(args, "mpp", None))
 
 
 def _labelled_cohort(args: argparse.Namespace, cohort, events: EventPrinter | None, file=None):
@@ -119,29 +120,20 @@ Trainer = Callable[[Any, Path], Generator[Progress, None, Any]]
 
 
 def _trainer(args: argparse.Namespace, tissue) -> Trainer:
-    """Returns ``(cohort, run folder) -> training job`` for ``args.model``: the trainers
-    and their settings, checked now (an unknown ``--set`` fails before any work)."""
-    resume = not args.no_resume
-    if args.model == "grid":
-        from ..train.grid import GridTrainSettings, train_grid
+    """Returns ``(cohort, run folder) -> training job`` for ``args.model``: the trainer and
+    its settings from the model-kind table, checked now (an unknown ``--set`` fails
+    before any work)."""
+    from ..models.registry import kind_named
 
-        grid = _settings(GridTrainSettings, args)
-        return lambda cohort, out: train_grid(
-            cohort, out, grid, resume=resume, tissue=tissue, init=args.init
-        )
-    if args.model == "dual":
-        from ..train.dual import DualTrainSettings, train_dual
-
-        dual = _settings(DualTrainSettings, args)
-        return lambda cohort, out: train_dual(
-            cohort, out, dual, resume=resume, tissue=tissue, init=args.init
-        )
-    from ..train.sliding_window import SlidingWindowSettings, train_sliding_window
-
-    window = _settings(SlidingWindowSettings, args)
-    return lambda cohort, out: train_sliding_window(
-        cohort, out, window, resume=resume, tissue=tissue
-    )
+    kind = kind_named(args.model)
+    settings = _settings(kind.load("settings"), args)
+    train = kind.load("train")
+    options: dict[str, Any] = {"resume": not args.no_resume, "tissue": tissue}
+    if args.init:
+        if not kind.fine_tunes:
+            raise ValueError(f"--init: a {kind.name} model cannot start from a checkpoint")
+        options["init"] = args.init
+    return lambda cohort, out: train(cohort, out, settings, **options)
 
 
 @dataclass

@@ -34,18 +34,47 @@ def add_tissue_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--opening-radius-um", type=float)
     group.add_argument("--min-piece-area-um2", type=float, help="smaller pieces are dropped")
     group.add_argument("--max-hole-area-um2", type=float, help="smaller holes are filled")
+    group.add_argument(
+        "--tissue",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any tissue parameter (JSON value), e.g. --tissue smooth_sigma_um=4",
+    )
 
 
 def tissue_params(args: argparse.Namespace):
     """Returns the ``TissueParams`` of the tissue options given (defaults elsewhere)."""
+    import json
+    from dataclasses import fields
+
     from ..slide.tissue import TissueParams
 
-    overrides = {
-        name: getattr(args, name)
-        for name in _TISSUE_OPTIONS
-        if getattr(args, name, None) is not None
-    }
-    return TissueParams(**overrides)
+    names = {f.name for f in fields(TissueParams)}
+    overrides = {}
+    for pair in getattr(args, "tissue", None) or ():
+        name, sep, text = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            raise ValueError(
+                f"--tissue takes NAME=VALUE with NAME one of {', '.join(sorted(names))}; "
+                f"got {pair!r}"
+            )
+        try:
+            overrides[name] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name] = text
+    overrides.update(
+        {
+            name: getattr(args, name)
+            for name in _TISSUE_OPTIONS
+            if getattr(args, name, None) is not None
+        }
+    )
+    try:
+        return TissueParams(**overrides)
+    except TypeError as exc:  # a value of the wrong type
+        raise ValueError(f"tissue parameters: {exc}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cohort", required=True, help="cohort CSV (slide,label,split,...)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs")
     train.add_argument("--classes", help="class names, lowest to highest risk, comma-separated")
+    train.add_argument(
+        "--mpp", type=float, help="µm per pixel for every slide (for files that lack it)"
+    )
     train.add_argument("--epochs", type=int)
     train.add_argument("--lr", type=float, help="initial learning rate")
     train.add_argument("--mode", choices=("joint", "soft", "hard"), help="dual: what trains")
@@ -198,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", help="label store: its corrected slide labels are the truth (SQLite)"
     )
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument(
+        "--mpp", type=float, help="µm per pixel for every slide (for files that lack it)"
+    )
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.add_argument(

@@ -15,14 +15,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..slide.boxes import Box
+
 STATUSES = ("accepted", "corrected")
 REGION_KINDS = ("rectangle", "polygon", "tile")
 ACTIONS = ("set", "add", "update", "delete", "undo")
 UNCLASSIFIED = "unclassified"
 
 Vertex = tuple[float, float]
-# Level-0 (x, y, w, h), the cohort's lesion box; kept here so labels need not import train.
-Box = tuple[int, int, int, int]
 
 
 class LabelStoreError(ValueError):

@@ -76,9 +76,14 @@ class Checkpoint:
     version: int = CHECKPOINT_VERSION
 
 
-def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], path: Path):
-    from safetensors.torch import save_file
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict[str, str]):
+    """safetensors' writer (imported when first used: it imports torch)."""
+    from safetensors.torch import save_file as write
 
+    write(tensors, filename, metadata=metadata)
+
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

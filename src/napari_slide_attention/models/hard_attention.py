@@ -603,9 +603,6 @@ class HardAttentionLoss:
     ordinal: torch.Tensor
     accuracy: torch.Tensor
 
-    def as_dict(self) -> dict[str, float]:
-        """Each term as a float, for a log."""
-        return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
 
 
 def discounted_returns(rewards: torch.Tensor, discount: float) -> torch.Tensor:

@@ -13,14 +13,14 @@ and minimum tile counts that training tunes on the validation split.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .device import Autocast, model_device
+from .device import Autocast
 from .tile_network import ModelConfig, TileNetwork
 
 __all__ = ["MODEL_KIND", "CropClassifier", "SlidingWindowConfig", "aggregate_tiles"]
@@ -193,25 +193,3 @@ class CropClassifier(TileNetwork):
         with autocast():
             logits = self.classify(self.prepare_on(tiles, device))
         return torch.softmax(logits.float(), 1).cpu()
-
-    @torch.no_grad()
-    def predict_chunks(
-        self,
-        chunks: Iterable[torch.Tensor],
-        *,
-        device: torch.device | str | None = None,
-        amp: bool | None = None,
-    ) -> torch.Tensor:
-        """(N, C) float32 class probabilities of tiles that arrive in chunks (on the CPU).
-
-        Args:
-            chunks: raw tiles, in chunks.
-            device: where to compute (default: where the model is).
-            amp: autocast; None = ``default_amp`` (CUDA, CPUs with native bf16).
-        """
-        device = torch.device(device) if device is not None else model_device(self)
-        autocast = Autocast(device, amp)
-        parts = [self.probabilities(tiles, device, autocast) for tiles in chunks]
-        if not parts:
-            return torch.zeros(0, len(self.config.classes))
-        return torch.cat(parts)

@@ -197,7 +197,3 @@ class TileNetwork(nn.Module):
                 m.momentum = momentum
             self.train(self.training)
         return count
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The parameters that train, as one optimiser group."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage.transform import resize
 
-from .boxes import Box, box_cells, overlap_area
+from .boxes import Box, overlap_area
 from .reader import Slide
 from .stream import TileStream
 from .tissue import TileGrid, TissueMask, TissueParams, tile_grid, tissue_mask, tissue_pieces
@@ -130,12 +130,6 @@ class PieceSample:
             self.slide_label,
             self.lesions,
             self.mask,
-        )
-
-    def lesion_cells(self) -> np.ndarray:
-        """(H', W') bool: grid cells that overlap a lesion box."""
-        return box_cells(
-            [b for b, _ in self.lesions], self.grid.origin, self.grid.tile_size, self.grid.shape
         )
 
 

@@ -27,12 +27,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import dask.array as da
 import numpy as np
 from skimage import filters, measure, morphology
+
+from .boxes import Box
 
 __all__ = [
     "SlideLike",
@@ -53,8 +55,6 @@ _MIN_INTENSITY = 1.0 / 255.0
 # Tissue fractions are sums of floats: a tile exactly at ``min_tissue`` must not fall below it
 # by rounding.
 _FRACTION_EPS = 1e-9
-
-Box = tuple[int, int, int, int]  # x, y, w, h
 
 
 class SlideLike(Protocol):
@@ -127,6 +127,16 @@ class TissueParams:
     fill_holes: bool = True
     max_hole_area_um2: float = 10_000.0
     min_piece_area_um2: float = 50_000.0
+
+    def changed(self) -> dict[str, Any]:
+        """The parameters that differ from the defaults, by name (what another process
+        needs to detect the same tissue: ``--tissue NAME=VALUE`` each)."""
+        default = TissueParams()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -212,11 +222,6 @@ class TissueMask:
         """Share of the mask's pixels that are tissue, in [0, 1] (0 for an empty mask)."""
         return float(self.mask.mean()) if self.mask.size else 0.0
 
-    @property
-    def pixel_size_um(self) -> float:
-        """Side of one mask pixel in µm (through ``params.assumed_mpp`` if mpp is unknown)."""
-        return _mask_px_um(self.mpp, self.downsample, self.params)
-
     def to_level0_box(self, x: float, y: float, w: float, h: float) -> Box:
         """Converts a box in mask px to level-0 px.
 
@@ -238,14 +243,6 @@ class TissueMask:
         x1 = min(max(math.ceil((x + w) * ds - 1e-9), x0), width)
         y1 = min(max(math.ceil((y + h) * ds - 1e-9), y0), height)
         return x0, y0, x1 - x0, y1 - y0
-
-    def bounding_box(self) -> Box | None:
-        """Level-0 (x, y, w, h) box of all tissue, or None when the mask is empty."""
-        rows = np.flatnonzero(self.mask.any(axis=1))
-        if rows.size == 0:
-            return None
-        cols = np.flatnonzero(self.mask.any(axis=0))
-        return self.to_level0_box(cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
 
     def resize_to(self, shape: Sequence[int], downsample: float | None = None) -> np.ndarray:
         """Resamples the mask (nearest neighbour), e.g. to overlay it on another level.
@@ -367,14 +364,6 @@ class TileGrid:
         """(n,) tissue fraction of the in-tissue tiles, row-major."""
         return self.tissue_fraction[self.in_tissue]
 
-    def with_min_tissue(self, min_tissue: float) -> TileGrid:
-        """The same grid with another tissue threshold (no recomputation)."""
-        _check_fraction(min_tissue)
-        return replace(
-            self,
-            min_tissue=float(min_tissue),
-            in_tissue=self.tissue_fraction >= min_tissue - _FRACTION_EPS,
-        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,14 +20,15 @@ import csv
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from ..slide.boxes import Box
 
 __all__ = ["SPLITS", "Cohort", "CohortEntry", "CohortError", "read_cohort", "write_cohort"]
 
 SPLITS = ("train", "val", "test")
 _REQUIRED = ("slide", "label", "split")
-Box = tuple[int, int, int, int]
 
 
 class CohortError(ValueError):
@@ -51,6 +52,8 @@ class CohortEntry:
         split: "train", "val" or "test".
         case: case id ("" when not given: each slide is its own case).
         lesions: (level-0 box, class index) of known lesions; None when not given.
+        mpp: µm per level-0 pixel to read the slide with, overriding its own (for slides
+            whose files lack it); None = the file's.
     """
 
     slide: Path
@@ -58,6 +61,7 @@ class CohortEntry:
     split: str
     case: str = ""
     lesions: list[tuple[Box, int]] | None = None
+    mpp: float | None = None
 
 
 @dataclass
@@ -85,6 +89,20 @@ class Cohort:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def with_mpp(self, mpp: float | None) -> Cohort:
+        """The cohort with every slide read at ``mpp`` µm per pixel (``--mpp``); None
+        leaves it as it is.
+
+        Raises:
+            ValueError: ``mpp`` is not a positive number.
+        """
+        if mpp is None:
+            return self
+        if not 0 < float(mpp) < float("inf"):
+            raise ValueError(f"--mpp must be a positive number of µm per pixel, got {mpp}")
+        entries = [replace(e, mpp=float(mpp)) for e in self.entries]
+        return replace(self, entries=entries)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Slides per split and class."""
@@ -159,7 +177,7 @@ def read_cohort(
         raise CohortError(
             path,
             f"missing column(s) {', '.join(missing)}; the header must name "
-            "slide,label,split[,case][,lesions]",
+            "slide,label,split[,case][,lesions][,mpp]",
             1,
         )
     rows = []
@@ -207,8 +225,20 @@ def read_cohort(
                 path, f"split {row['split']!r} is not one of {', '.join(SPLITS)}", line
             )
         lesions = _parse_lesions(row.get("lesions", ""), slide, names, path, line)
+        mpp = None
+        if row.get("mpp"):
+            try:
+                mpp = float(row["mpp"])
+            except ValueError:
+                mpp = -1.0
+            if not 0 < mpp < float("inf"):
+                raise CohortError(
+                    path, f"mpp {row['mpp']!r} is not a positive number of µm per pixel", line
+                )
         entries.append(
-            CohortEntry(slide, names.index(row["label"]), split, row.get("case", ""), lesions)
+            CohortEntry(
+                slide, names.index(row["label"]), split, row.get("case", ""), lesions, mpp
+            )
         )
     cases: dict[str, str] = {}
     for e in entries:
@@ -227,7 +257,8 @@ def write_cohort(path: str | os.PathLike, cohort: Cohort) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["slide", "label", "split", "case", "lesions"])
+        with_mpp = any(e.mpp is not None for e in cohort.entries)
+        writer.writerow(["slide", "label", "split", "case", "lesions"] + ["mpp"] * with_mpp)
         for e in cohort.entries:
             try:
                 slide = os.path.relpath(e.slide, path.parent)
@@ -238,7 +269,8 @@ def write_cohort(path: str | os.PathLike, cohort: Cohort) -> Path:
                 if e.lesions is not None
                 else ""
             )
-            writer.writerow([slide, cohort.classes[e.label], e.split, e.case, lesions])
+            mpp = [repr(e.mpp) if e.mpp is not None else ""] * with_mpp
+            writer.writerow([slide, cohort.classes[e.label], e.split, e.case, lesions, *mpp])
     return path
 
 

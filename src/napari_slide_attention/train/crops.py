@@ -58,6 +58,7 @@ class CropSource:
     lesions: list[tuple[Box, int]]
     negatives: np.ndarray  # (n, 2) level-0 (x, y) of lesion-free tissue tiles
     pieces: list[PieceSample] = field(default_factory=list, repr=False)
+    mpp: float | None = None  # the cohort's override of the slide's pixel size
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,9 @@ def prepare_sources(
     entries = cohort.split(split)
     out = []
     for n, entry in enumerate(entries):
-        with open_slide(entry.slide) as slide:
-            tile_px = tile_edge_px(slide, settings.crop_um)
-            level = read_level_for(slide, tile_px, settings.input_px)
+        with open_slide(entry.slide, mpp=entry.mpp) as slide:
+            tile_px = tile_edge_px(slide, settings.model["crop_um"])
+            level = read_level_for(slide, tile_px, settings.model["input_px"])
             mask = tissue_mask(slide, tissue)
             pieces = slide_pieces(slide, tile_px, min_tissue=settings.min_tissue, mask=mask)
         lesions = list(entry.lesions or [])
@@ -116,7 +117,16 @@ def prepare_sources(
             )
             continue
         out.append(
-            CropSource(str(entry.slide), entry.label, level, tile_px, lesions, negatives, pieces)
+            CropSource(
+                str(entry.slide),
+                entry.label,
+                level,
+                tile_px,
+                lesions,
+                negatives,
+                pieces,
+                entry.mpp,
+            )
         )
         yield Progress(
             "prepare",
@@ -178,14 +188,14 @@ class OpenSlides:
         self.size = size
         self.slides: OrderedDict[str, Slide] = OrderedDict()
 
-    def get(self, path: str) -> Slide:
+    def get(self, path: str, mpp: float | None = None) -> Slide:
         if path in self.slides:
             self.slides.move_to_end(path)
             return self.slides[path]
         if len(self.slides) >= self.size:
             _, old = self.slides.popitem(last=False)
             old.close()
-        slide = self.slides[path] = open_slide(path)
+        slide = self.slides[path] = open_slide(path, mpp=mpp)
         return slide
 
     def close(self) -> None:
@@ -205,7 +215,7 @@ def read_crops(
     for s, members in by_source.items():
         src = sources[s]
         boxes = [(crops[i].x, crops[i].y, src.tile_px, src.tile_px) for i in members]
-        stream = TileStream(slides.get(src.slide), src.level, boxes, batch_size=len(boxes))
+        stream = TileStream(slides.get(src.slide, src.mpp), src.level, boxes, batch_size=len(boxes))
         with stream:
             for batch in stream:
                 for k, pixels in zip(batch.indices, batch.pixels, strict=True):
@@ -264,7 +274,7 @@ def sample_tiles(sources: Sequence[CropSource], per_slide: int) -> Iterator[np.n
             corners = [tuple(src.negatives[i]) for i in picks]
         else:
             corners = [(x, y) for (x, y, _, _), _ in src.lesions[:per_slide]]
-        with open_slide(src.slide) as slide:
+        with open_slide(src.slide, mpp=src.mpp) as slide:
             for x, y in corners:
                 pixels = slide.read_region(src.level, int(x), int(y), src.tile_px, src.tile_px)
                 yield pixels[..., :3]

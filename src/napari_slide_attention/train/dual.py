@@ -33,13 +33,14 @@ from __future__ import annotations
 import os
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..inference.dual import SAMPLERS, run_hard, select_tiles, slide_call
 from ..jobs import Progress, run_to_end
+from ..models.checkpoint import read_checkpoint
 from ..models.device import resolve_device
 from ..models.dual_attention import DualAttention, DualAttentionConfig
 from ..models.hard_attention import hard_attention_loss
@@ -66,8 +67,8 @@ __all__ = [
 ]
 
 MODES = ("joint", "soft", "hard")
-# A small dual model for a CPU and 0.5 µm/px slides, as ``DualTrainSettings`` keywords
-# (the dual needle benchmark and the demo use it; why each value is what it is:
+# A small dual model for a CPU and 0.5 µm/px slides, as ``DualTrainSettings.from_dict``
+# values (the dual needle benchmark and the demo use it; why each value is what it is:
 # ``benchmarks/dual_needle.py``): the x32 view with max-pooling 4 (attention cells of
 # 128 level-0 px), 8 tiles of 128 µm read at 64 px for the soft attention's features and
 # at 128 px for 4 glimpses of 32 px at two magnifications; β = 0.01; the soft attention
@@ -75,20 +76,22 @@ MODES = ("joint", "soft", "hard")
 CPU_PRESET: dict[str, Any] = {
     "lr_soft": 1e-3,
     "soft_samples": 32,
-    "view_downsample": 32.0,
-    "soft": {"pool": 4, "entropy_weight": 0.01},
-    "n_tiles": 8,
-    "tile_um": 128.0,
-    "feature_px": 64,
-    "hard": {
-        "glimpses": 4,
-        "glimpse_px": 32,
-        "tile_px": 128,
-        "context_px": 64,
-        "feature": 128,
-        "hidden": [128, 64],
-        "glimpse_channels": [16, 32, 64],
-        "context_channels": [8, 16, 32],
+    "model": {
+        "view_downsample": 32.0,
+        "soft": {"pool": 4, "entropy_weight": 0.01},
+        "n_tiles": 8,
+        "tile_um": 128.0,
+        "feature_px": 64,
+        "hard": {
+            "glimpses": 4,
+            "glimpse_px": 32,
+            "tile_px": 128,
+            "context_px": 64,
+            "feature": 128,
+            "hidden": [128, 64],
+            "glimpse_channels": [16, 32, 64],
+            "context_channels": [8, 16, 32],
+        },
     },
 }
 
@@ -110,9 +113,10 @@ class DualTrainSettings(SettingsRecord):
             tissue: the random-sampling baseline).
         slides_per_step: slides per optimiser step (the paper: four, of four classes).
         soft_samples: cells drawn from A per slide for the soft attention's loss (None: N).
-        view_downsample, n_tiles, candidates, min_distance, refine, noise, tile_um,
-            feature_px, feature_width, soft, hard, joint_alpha: the model (see
-            ``DualAttentionConfig``).
+        model: the model's settings (``DualAttentionConfig``'s view_downsample, soft,
+            n_tiles, candidates, min_distance, refine, noise, tile_um, feature_px,
+            feature_width, hard, joint_alpha); the config's defaults, the paper's, fill
+            what is not given.
         augment: random quarter turns and flips of the tiles.
         class_weights: "balanced" (inverse class frequency of the training slides) or
             "none", for the classification losses.
@@ -122,6 +126,8 @@ class DualTrainSettings(SettingsRecord):
         max_hours: stop after the epoch that passes this many hours (0 = no limit).
         weights, calibrate_bn: unused by this model (kept for the shared loop).
     """
+
+    model_type: ClassVar[type] = DualAttentionConfig
 
     epochs: int = 100
     lr: float = 1e-3
@@ -133,18 +139,6 @@ class DualTrainSettings(SettingsRecord):
     sampler: str = "attention"
     slides_per_step: int = 4
     soft_samples: int | None = None
-    view_downsample: float = 32.0
-    n_tiles: int = 10
-    candidates: int | None = None
-    min_distance: float | None = None
-    refine: str = "threshold"
-    noise: tuple[float, float] = (0.0, 1.0)
-    tile_um: float = 512.0
-    feature_px: int = 128
-    feature_width: int = 32
-    soft: dict[str, Any] = field(default_factory=dict)
-    hard: dict[str, Any] = field(default_factory=dict)
-    joint_alpha: float = 0.5
     augment: bool = True
     class_weights: str = "balanced"
     normalise_tiles: int = 16
@@ -153,11 +147,10 @@ class DualTrainSettings(SettingsRecord):
     max_hours: float = 0.0
     weights: str | None = None
     calibrate_bn: bool | None = None
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.noise = tuple(float(v) for v in self.noise)
-        self.soft = dict(self.soft)
-        self.hard = dict(self.hard)
+        self._check_model()
         if self.epochs < 1 or self.slides_per_step < 1 or self.lr_step < 1:
             raise ValueError("epochs, slides_per_step and lr_step must be at least 1")
         if self.lr <= 0 or self.lr_soft <= 0 or not 0 < self.lr_gamma <= 1:
@@ -174,23 +167,6 @@ class DualTrainSettings(SettingsRecord):
             raise ValueError("class_weights must be 'balanced' or 'none'")
         if self.weights:
             raise ValueError("the dual model takes no pretrained trunk weights (use --init)")
-
-    def model_config(self, classes: tuple[str, ...]) -> DualAttentionConfig:
-        return DualAttentionConfig(
-            classes=classes,
-            view_downsample=self.view_downsample,
-            soft=self.soft,
-            n_tiles=self.n_tiles,
-            candidates=self.candidates,
-            min_distance=self.min_distance,
-            refine=self.refine,
-            noise=self.noise,
-            tile_um=self.tile_um,
-            feature_px=self.feature_px,
-            feature_width=self.feature_width,
-            hard=self.hard,
-            joint_alpha=self.joint_alpha,
-        )
 
     def learning_rate(self, epoch: int) -> float:
         """StepLR: lr · gamma^(epoch // step) (the soft part runs at lr_soft / lr of it)."""
@@ -217,6 +193,7 @@ class _SlideData:
     view: SlideView
     size: tuple[int, int]
     tile_px: int
+    mpp: float | None = None  # the cohort's override of the slide's pixel size
 
 
 def _prepare(
@@ -225,17 +202,17 @@ def _prepare(
     entries = [e for e in cohort.entries if e.split == split]
     out = []
     for n, entry in enumerate(entries):
-        with open_slide(entry.slide) as slide:
+        with open_slide(entry.slide, mpp=entry.mpp) as slide:
             mask = tissue_mask(slide, tissue)
-            view = read_view(slide, settings.view_downsample, mask=mask)
-            tile_px = tile_edge_px(slide, settings.tile_um)
+            view = read_view(slide, settings.model["view_downsample"], mask=mask)
+            tile_px = tile_edge_px(slide, settings.model["tile_um"])
             size = slide.dimensions
         if not view.tissue.any():
             yield Progress(
                 "prepare", n + 1, len(entries), f"{entry.slide.name}: no tissue, skipped"
             )
             continue
-        out.append(_SlideData(str(entry.slide), entry.label, view, size, tile_px))
+        out.append(_SlideData(str(entry.slide), entry.label, view, size, tile_px, entry.mpp))
         yield Progress(
             "prepare",
             n + 1,
@@ -288,7 +265,7 @@ def evaluate_dual(
         chosen = select_tiles(
             model, item.view, item.size, item.tile_px, rng, sampler=sampler, device=device
         )
-        with open_slide(item.slide) as slide:
+        with open_slide(item.slide, mpp=item.mpp) as slide:
             tiles = read_tiles(slide, chosen.boxes, model.hard.config.tile_px)
         generator = torch.Generator(device="cpu").manual_seed(seed * 7919 + k)
         run = run_to_end(run_hard(model, tiles, device, generator))
@@ -317,9 +294,10 @@ def train_dual(
         settings: training settings (the paper's by default).
         resume: continue a run found in ``run_dir`` (its settings must match).
         tissue: tissue detection settings.
-        init: start from this dual-attention checkpoint (its weights, normalisation and
-            class names, which must equal the cohort's): e.g. train the soft attention
-            first (mode "soft"), then the hard attention on its tiles (mode "hard").
+        init: start from this dual-attention checkpoint (its weights, normalisation,
+            model settings and class names, which must equal the cohort's): e.g. train
+            the soft attention first (mode "soft"), then the hard attention on its tiles
+            (mode "hard").
 
     Yields:
         Progress: "prepare" per slide, "step" per optimiser step, "epoch" per epoch.
@@ -328,6 +306,8 @@ def train_dual(
         The summary with the paths of the best and last checkpoints.
     """
     settings = settings or DualTrainSettings()
+    if init is not None:  # the checkpoint decides the model's shape
+        settings = settings.with_model(read_checkpoint(init, tensors=False).config)
     classes = cohort.classes
     record = {
         "settings": settings.to_dict(),
@@ -335,7 +315,7 @@ def train_dual(
         "cohort": str(cohort.path) if cohort.path else None,
         "init": str(init) if init else None,
     }
-    run = RunDirectory(run_dir, record, resume=resume)
+    run = RunDirectory(run_dir, record, resume=resume, settings_type=DualTrainSettings)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     config = settings.model_config(classes)
@@ -401,7 +381,7 @@ def train_dual(
             hard_tiles, hard_labels = [], []
             for index in step:
                 item = train[index]
-                with open_slide(item.slide) as slide:
+                with open_slide(item.slide, mpp=item.mpp) as slide:
                     if settings.mode in ("joint", "soft"):
                         loss, _ = soft_part(item, slide, rng)
                         soft_total = soft_total + loss.total / len(step)
@@ -461,7 +441,7 @@ def train_dual(
         truth, probs = [], []
         with torch.no_grad():
             for item in val:
-                with open_slide(item.slide) as slide:
+                with open_slide(item.slide, mpp=item.mpp) as slide:
                     loss, _ = soft_part(item, slide, rng, augment=False)
                 truth.append(item.label)
                 probs.append(torch.softmax(loss.logits[0].float(), -1).cpu().numpy())
@@ -503,5 +483,5 @@ def _normalisation_tiles(
         pick = rng.choice(len(rows), size=min(settings.normalise_tiles, len(rows)), replace=False)
         pixels = np.stack([rows[pick], cols[pick]], 1)  # view px as (1 x 1) cells
         boxes = cell_boxes(pixels, item.view.downsample, item.tile_px, item.size)
-        with open_slide(item.slide) as slide:
-            yield from read_tiles(slide, boxes, settings.feature_px)
+        with open_slide(item.slide, mpp=item.mpp) as slide:
+            yield from read_tiles(slide, boxes, settings.model["feature_px"])

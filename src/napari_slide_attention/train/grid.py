@@ -24,14 +24,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..inference import aggregate
 from ..jobs import Progress
+from ..models.checkpoint import read_checkpoint
 from ..models.device import default_amp, resolve_device
 from ..models.grid_attention import GridAttention, GridAttentionConfig
 from ..slide.reader import Slide, open_slide
@@ -73,8 +74,9 @@ class GridTrainSettings(SettingsRecord):
         lr_reset: ... to this value.
         weight_decay: Adam weight decay.
         samples_per_step: pieces per optimiser step (gradient accumulation).
-        n_maps, kernel, dropout, hidden, trainable_blocks, tile_um, input_px: the model
-            (see ``GridAttentionConfig``).
+        model: the model's settings (``GridAttentionConfig``'s n_maps, kernel, dropout,
+            hidden, trainable_blocks, tile_um, input_px); the config's defaults, the
+            paper's, fill what is not given.
         min_tissue: tissue fraction a tile needs to be in a grid.
         augment: draw the paper's augmentation for every sample every epoch.
         scale_range: random tile scaling range.
@@ -103,6 +105,8 @@ class GridTrainSettings(SettingsRecord):
         max_hours: stop after the epoch that passes this many hours (0 = no limit).
     """
 
+    model_type: ClassVar[type] = GridAttentionConfig
+
     epochs: int = 200
     lr: float = 1e-3
     lr_decay: float = 0.95
@@ -110,13 +114,6 @@ class GridTrainSettings(SettingsRecord):
     lr_reset: float = 1e-4
     weight_decay: float = 0.0
     samples_per_step: int = 2
-    n_maps: int = 64
-    kernel: int = 3
-    dropout: float = 0.5
-    hidden: tuple[int, ...] = ()
-    trainable_blocks: int = 1
-    tile_um: float = 246.0
-    input_px: int = 224
     min_tissue: float = 0.5
     augment: bool = True
     scale_range: tuple[float, float] = (0.8, 1.2)
@@ -133,9 +130,10 @@ class GridTrainSettings(SettingsRecord):
     select: str = "loss"
     lesion_labels: bool = True
     max_hours: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(v) for v in self.hidden)
+        self._check_model()
         self.scale_range = tuple(float(v) for v in self.scale_range)
         if self.epochs < 1 or self.samples_per_step < 1 or self.chunk_tiles < 1:
             raise ValueError("epochs, samples_per_step and chunk_tiles must be at least 1")
@@ -148,18 +146,6 @@ class GridTrainSettings(SettingsRecord):
             raise ValueError("class_weights must be 'balanced' or 'none'")
         if self.select not in ("loss", "f1"):
             raise ValueError(f"select must be 'loss' or 'f1', got {self.select!r}")
-
-    def model_config(self, classes: tuple[str, ...]) -> GridAttentionConfig:
-        return GridAttentionConfig(
-            classes=classes,
-            n_maps=self.n_maps,
-            kernel=self.kernel,
-            dropout=self.dropout,
-            hidden=self.hidden,
-            trainable_blocks=self.trainable_blocks,
-            tile_um=self.tile_um,
-            input_px=self.input_px,
-        )
 
     def learning_rate(self, epoch: int) -> float:
         """The paper's schedule: lr · decay^e, restarting at lr_reset every N epochs."""
@@ -176,6 +162,7 @@ class _SlideData:
     label: int
     pieces: list[PieceSample]
     level: int
+    mpp: float | None = None  # the cohort's override of the slide's pixel size
 
 
 def _prepare(
@@ -188,9 +175,9 @@ def _prepare(
     entries = [(i, e) for i, e in enumerate(cohort.entries) if e.split == split]
     out = []
     for n, (i, entry) in enumerate(entries):
-        with open_slide(entry.slide) as slide:
-            tile_px = tile_edge_px(slide, settings.tile_um)
-            level = read_level_for(slide, tile_px, settings.input_px)
+        with open_slide(entry.slide, mpp=entry.mpp) as slide:
+            tile_px = tile_edge_px(slide, settings.model["tile_um"])
+            level = read_level_for(slide, tile_px, settings.model["input_px"])
             mask = tissue_mask(slide, tissue)
             pieces = slide_pieces(
                 slide,
@@ -206,7 +193,7 @@ def _prepare(
                 "prepare", n + 1, len(entries), f"{entry.slide.name}: no tissue, skipped"
             )
             continue
-        out.append(_SlideData(i, str(entry.slide), entry.label, pieces, level))
+        out.append(_SlideData(i, str(entry.slide), entry.label, pieces, level, entry.mpp))
         yield Progress(
             "prepare",
             n + 1,
@@ -220,7 +207,7 @@ def _prepare(
 def _sample_tiles(data: list[_SlideData], per_slide: int):
     """Up to ``per_slide`` tiles from the first piece of each slide (normalisation, BN)."""
     for item in data:
-        with open_slide(item.slide) as slide:
+        with open_slide(item.slide, mpp=item.mpp) as slide:
             for piece in item.pieces[:1]:
                 chunks, _, _ = tensor_chunks(slide, piece, item.level, chunk_tiles=per_slide)
                 first = next(iter(chunks()))
@@ -302,7 +289,7 @@ def evaluate_grid(
     model.eval()
     truth, probs, rows = [], [], []
     for item in data:
-        with open_slide(item.slide) as slide:
+        with open_slide(item.slide, mpp=item.mpp) as slide:
             piece_probs = []
             for index, piece in enumerate(item.pieces):
                 chunks, cells, shape = tensor_chunks(
@@ -359,7 +346,8 @@ def train_grid(
         resume: continue a run found in ``run_dir`` (its settings must match).
         tissue: tissue detection settings.
         init: start from this grid-attention checkpoint (fine-tuning): its weights,
-            normalisation and class names (which must equal the cohort's).
+            normalisation, class names (which must equal the cohort's) and model settings
+            (``SettingsRecord.with_model``: the architecture comes from it).
 
     Yields:
         Progress: "prepare" per slide, "step" per optimiser step (data: loss, lr),
@@ -369,6 +357,8 @@ def train_grid(
         The summary with the paths of the best and last checkpoints.
     """
     settings = settings or GridTrainSettings()
+    if init is not None:  # the checkpoint decides the model's shape
+        settings = settings.with_model(read_checkpoint(init, tensors=False).config)
     classes = cohort.classes
     record = {
         "settings": settings.to_dict(),
@@ -376,7 +366,7 @@ def train_grid(
         "cohort": str(cohort.path) if cohort.path else None,
         "init": str(init) if init else None,
     }
-    run = RunDirectory(run_dir, record, resume=resume)
+    run = RunDirectory(run_dir, record, resume=resume, settings_type=GridTrainSettings)
 
     device = resolve_device(settings.device)
     amp = settings.amp if settings.amp is not None else default_amp(device)
@@ -423,7 +413,7 @@ def train_grid(
                 Augmentation.draw(rng, settings.scale_range) if settings.augment else Augmentation()
             )
             sample = piece.augmented(aug, settings.min_tissue)
-            with open_slide(item.slide) as slide:
+            with open_slide(item.slide, mpp=item.mpp) as slide:
                 chunks, cells, shape = tensor_chunks(
                     slide, sample, item.level, chunk_tiles=settings.chunk_tiles, augmentation=aug
                 )

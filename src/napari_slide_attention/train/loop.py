@@ -24,9 +24,9 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -59,24 +59,111 @@ _S = TypeVar("_S", bound="SettingsRecord")
 
 
 class SettingsRecord:
-    """``to_dict`` and ``from_dict`` for a settings dataclass (the trainers' settings)."""
+    """``to_dict`` and ``from_dict`` for a settings dataclass (the trainers' settings), and
+    the model settings nested in them.
+
+    A trainer's settings hold the model's own as ``model``: the fields of its model config
+    (``model_type``) that shape the model, i.e. all but the class names, their risk order
+    and the normalisation, which come from the cohort. They are not declared again here,
+    so a model setting has one name, one default and one check (the config's). A flat
+    key that names a model setting (``--set n_maps=8``, or a run folder written before
+    the settings nested it) goes into ``model``.
+    """
+
+    model_type: ClassVar[type | None] = None
+    # Model settings that shape no tensor: a fine-tune (``--init``) keeps its own.
+    fine_tunable: ClassVar[tuple[str, ...]] = ("trainable_blocks", "dropout")
+    # Config fields that are not the model's shape: they come from the cohort.
+    _NOT_MODEL: ClassVar[tuple[str, ...]] = ("classes", "risk_order", "mean", "std", "kind")
+
+    @classmethod
+    def model_keys(cls) -> tuple[str, ...]:
+        """The model settings ``model`` holds, in the config's field order."""
+        if cls.model_type is None:
+            return ()
+        return tuple(
+            f.name for f in fields(cls.model_type) if f.init and f.name not in cls._NOT_MODEL
+        )
+
+    def _check_model(self) -> None:
+        """Complete ``model`` with the config's defaults and check it through the config
+        (for ``__post_init__``).
+
+        Raises:
+            ValueError: an unknown model setting, or a value the config refuses.
+        """
+        model = dict(self.model or {})
+        unknown = sorted(set(model) - set(self.model_keys()))
+        if unknown:
+            kind = self.model_type.__dataclass_fields__["kind"].default
+            raise ValueError(f"unknown {kind} model settings: {', '.join(unknown)}")
+        probe = self.model_type(classes=("a", "b"), **model).to_dict()
+        self.model = {k: probe[k] for k in self.model_keys()}
+
+    def model_config(self, classes: tuple[str, ...]) -> Any:
+        """The model's config for these class names."""
+        return self.model_type(classes=tuple(classes), **self.model)
+
+    def with_model(self: _S, config: dict[str, Any]) -> _S:
+        """These settings with the model settings of a checkpoint's config (``--init``:
+        the checkpoint decides the model's shape; ``fine_tunable`` ones stay these).
+
+        Raises:
+            ValueError: a model setting given here (other than its default) differs from
+                the checkpoint's.
+        """
+        defaults = type(self)().model if self.model_type is not None else {}
+        theirs = {
+            k: config[k] for k in self.model_keys() if k in config and k not in self.fine_tunable
+        }
+        clashes = [
+            f"{k}={self.model[k]!r} (the checkpoint's: {theirs[k]!r})"
+            for k in theirs
+            if self.model[k] != defaults.get(k) and self.model[k] != _jsonable(theirs[k])
+        ]
+        if clashes:
+            raise ValueError(
+                "--init takes the model's settings from the checkpoint; these differ from "
+                f"it: {', '.join(clashes)} (leave them out)"
+            )
+        return replace(self, model={**self.model, **theirs})
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able values (tuples as lists), in field order."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return _jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls: type[_S], data: dict[str, Any]) -> _S:
-        """Settings from ``to_dict``'s output (or part of it: the rest keep defaults).
+        """Settings from ``to_dict``'s output (or part of it: the rest keep defaults); flat
+        model settings go into ``model``.
 
         Raises:
-            ValueError: a name that is no setting.
+            ValueError: a name that is no setting, or a model setting given twice.
         """
+        data = dict(data)
+        if cls.model_type is not None:
+            model = dict(data.pop("model", None) or {})
+            for key in cls.model_keys():
+                if key in data:
+                    value = data.pop(key)
+                    if key in model and _jsonable(model[key]) != _jsonable(value):
+                        raise ValueError(f"model setting {key} given twice, differently")
+                    model[key] = value
+            data["model"] = model
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
         return cls(**data)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples as lists, all the way down (what a JSON round trip gives)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -133,6 +220,7 @@ class RunDirectory:
         *,
         resume: bool,
         need_last: bool = False,
+        settings_type: type[SettingsRecord] | None = None,
     ) -> None:
         """Open (create) a run directory and write its settings record.
 
@@ -143,6 +231,9 @@ class RunDirectory:
             resume: continue a run found in the directory (training state and settings
                 present).
             need_last: resume only when ``last.safetensors`` is there too.
+            settings_type: the settings' class: a resumed run's record is read through
+                its ``from_dict``, so a run written before a settings change that keeps
+                its meaning (model settings nested under ``model``) still resumes.
 
         Raises:
             ValueError: resuming a run with other settings or classes.
@@ -161,7 +252,17 @@ class RunDirectory:
         )
         if self.resuming:
             previous = json.loads(self.settings_file.read_text())
-            same = previous.get("settings") == record["settings"]
+            settings = previous.get("settings")
+            if settings_type is not None and isinstance(settings, dict):
+                try:
+                    settings = settings_type.from_dict(settings).to_dict()
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(
+                        f"{self.path}: holds a run whose settings this version cannot read "
+                        f"({exc}); pass --no-resume to start over there, or choose another "
+                        "--out"
+                    ) from exc
+            same = settings == record["settings"]
             if not same or previous.get("classes") != list(record["classes"]):
                 raise ValueError(
                     f"{self.path}: holds a run with other settings or classes; resume it "

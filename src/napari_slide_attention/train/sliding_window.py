@@ -32,9 +32,9 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -97,10 +97,6 @@ class SlidingWindowSettings(SettingsRecord):
         negatives_per_slide: lesion-free tissue tiles drawn from each slide per epoch,
             labelled the lowest-risk class.
         augment: random quarter turns and flips of every crop.
-        crop_um: crop (tile) edge in micrometres at the slide.
-        input_px: crop edge fed to the network.
-        trainable_blocks: trunk stages that train (5 = all, as the paper's baseline).
-        dropout: dropout before the classifier.
         min_tissue: tissue fraction a tile needs to be a negative, or to be classified at
             inference.
         chunk_tiles: tiles per forward pass when classifying whole slides (tuning).
@@ -116,7 +112,19 @@ class SlidingWindowSettings(SettingsRecord):
         threshold_grid: probability thresholds tried per class when tuning.
         min_count_grid: minimum tile counts tried per class when tuning.
         max_hours: stop after the epoch that passes this many hours (0 = no limit).
+        model: the crop classifier's settings (``SlidingWindowConfig``'s crop_um: crop
+            edge in micrometres; input_px: crop edge fed to the network;
+            trainable_blocks: trunk stages that train, 5 = all as the paper's baseline;
+            dropout; thresholds and min_counts, which tuning sets).
     """
+
+    model_type: ClassVar[type] = SlidingWindowConfig
+    # the aggregation rule is tuned after training, not set
+    _NOT_MODEL: ClassVar[tuple[str, ...]] = (
+        *SettingsRecord._NOT_MODEL,
+        "thresholds",
+        "min_counts",
+    )
 
     epochs: int = 100
     lr: float = 1e-3
@@ -126,10 +134,6 @@ class SlidingWindowSettings(SettingsRecord):
     crops_per_lesion: int = 8
     negatives_per_slide: int = 16
     augment: bool = True
-    crop_um: float = 246.0
-    input_px: int = 224
-    trainable_blocks: int = 5
-    dropout: float = 0.5
     min_tissue: float = 0.5
     chunk_tiles: int = 64
     weights: str | None = None
@@ -142,8 +146,10 @@ class SlidingWindowSettings(SettingsRecord):
     threshold_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     min_count_grid: tuple[int, ...] = (1, 2, 3, 5, 8)
     max_hours: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_model()
         self.threshold_grid = tuple(float(v) for v in self.threshold_grid)
         self.min_count_grid = tuple(int(v) for v in self.min_count_grid)
         if self.epochs < 1 or self.batch_size < 2 or self.chunk_tiles < 1:
@@ -160,16 +166,6 @@ class SlidingWindowSettings(SettingsRecord):
             raise ValueError(f"min_count_grid needs values >= 1, got {self.min_count_grid}")
         if self.normalise_tiles < 1:
             raise ValueError("normalise_tiles must be at least 1")
-
-    def model_config(self, classes: tuple[str, ...]) -> SlidingWindowConfig:
-        """The crop classifier these settings train (default aggregation thresholds)."""
-        return SlidingWindowConfig(
-            classes=classes,
-            crop_um=self.crop_um,
-            input_px=self.input_px,
-            trainable_blocks=self.trainable_blocks,
-            dropout=self.dropout,
-        )
 
     def learning_rate(self, epoch: int) -> float:
         """lr · decay^epoch."""
@@ -272,7 +268,9 @@ def train_sliding_window(
         "classes": list(classes),
         "cohort": str(cohort.path) if cohort.path else None,
     }
-    run = RunDirectory(run_dir, record, resume=resume, need_last=True)
+    run = RunDirectory(
+        run_dir, record, resume=resume, need_last=True, settings_type=SlidingWindowSettings
+    )
 
     device = resolve_device(settings.device)
     amp = settings.amp if settings.amp is not None else default_amp(device)
@@ -404,6 +402,7 @@ def _tune_best(
                 tissue=tissue,
                 min_tissue=settings.min_tissue,
                 amp=amp,
+                mpp=src.mpp,
                 pieces=src.pieces,
             )
         )
@@ -537,4 +536,3 @@ def tune_thresholds(
     for k, (t, m) in zip(ranked, best_choice, strict=True):
         thresholds[k], min_counts[k] = float(grid_t[t]), int(m)
     return TunedRule(tuple(thresholds), tuple(min_counts), best_metrics, tried, search)
-

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ...jobs import Job
 from ...labels import LabelStore
 from ..finetune import FineTuneOutcome, FineTuneRequest, ProcessJob, epoch_row, fine_tune
 from ..session import connect_while_alive, session_for
@@ -123,12 +124,13 @@ class FineTunePanel(QWidget):
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.worker = None
-        self.job: ProcessJob | None = None
+        self.job: Job | None = None  # the fine-tune, driven from the worker
+        self.process: ProcessJob | None = None  # its processes, which Stop reaches
         self.outcome: FineTuneOutcome | None = None
         self._request: FineTuneRequest | None = None
         self._steps: tuple[list[float], list[float]] = ([], [])
         self._rows: list[dict[str, Any]] = []
-        self._jobs: list[ProcessJob] = []
+        self._jobs: list[Job] = []
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -319,6 +321,7 @@ class FineTunePanel(QWidget):
             lr=self.lr.value(),
             trainable_blocks=self.blocks.value(),
             device=self.device.currentText(),
+            tissue=self.session.tissue,  # the Slide panel's: training finds the same tissue
             extra_args=tuple(shlex.split(self.extra.text())),
         )
 
@@ -335,8 +338,9 @@ class FineTunePanel(QWidget):
             return
         self._reset()
         self._request = request
-        self.job = ProcessJob()
-        worker = thread_worker(fine_tune, start_thread=False)(request, self.job)
+        self.process = ProcessJob()
+        self.job = Job(fine_tune(request, self.process))
+        worker = thread_worker(self.job.events, start_thread=False)()
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_outcome)
         worker.errored.connect(self._on_crash)
@@ -352,7 +356,7 @@ class FineTunePanel(QWidget):
         """Ends the run at its next step (SIGINT; SIGTERM, then a kill, if it hangs)."""
         if not self.running or self.job is None:
             return
-        self.job.stop()
+        self.job.stop("stopped")
         self.stop_button.setEnabled(False)
         self.status.setText("Stopping at the next step…")
 
@@ -369,7 +373,7 @@ class FineTunePanel(QWidget):
 
     def _update_buttons(self) -> None:
         self.start_button.setEnabled(not self.running)
-        self.stop_button.setEnabled(self.running and not (self.job and self.job.stop_requested))
+        self.stop_button.setEnabled(self.running and not (self.job and self.job.stopping))
 
     # -- events (GUI thread) -----------------------------------------------------------
     def _on_event(self, event: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..boxes import overlaps
 from .shapes import pieces_mask
 
 # Coarse grid used to place lesions: about this many pixels along the longest side.
@@ -146,10 +147,7 @@ def _place_lesions(
             x, y = round(cx - w / 2), round(cy - h / 2)
             if x < 0 or y < 0 or x + w > width or y + h > height:
                 continue
-            if any(
-                x < bx + bw + gap and bx < x + w + gap and y < by + bh + gap and by < y + h + gap
-                for bx, by, bw, bh in (les["box"] for les in lesions)
-            ):
+            if any(overlaps((x, y, w, h), les["box"], gap) for les in lesions):
                 continue
             if not pieces_mask(pieces, x, y, w, h, 1.0).all():
                 continue

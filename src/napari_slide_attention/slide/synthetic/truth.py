@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..boxes import Box
 from .checks import check_positive_float
 from .shapes import pieces_mask
 
@@ -25,8 +26,6 @@ SYNTHETIC_CLASSES: tuple[str, ...] = ("normal", "low-grade", "high-grade", "carc
 
 GENERATOR = "napari-slide-attention synthetic"
 FORMAT_VERSION = 1
-
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)

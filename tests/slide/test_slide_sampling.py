@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_slide_attention.slide.boxes import box_cells
 from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.slide.sampling import (
     Augmentation,
@@ -39,7 +40,9 @@ def test_pieces_carry_grids_on_the_slide_lattice_and_lesion_labels(tiny_cohort):
         assert p.cells.shape == (p.n_tiles,)
     assert any(p.lesions for p in pieces)
     with_lesion = next(p for p in pieces if p.lesions)
-    assert with_lesion.lesion_cells().any()
+    grid = with_lesion.grid
+    boxes = [b for b, _ in with_lesion.lesions]
+    assert box_cells(boxes, grid.origin, grid.tile_size, grid.shape).any()
 
 
 def test_without_lesion_boxes_every_piece_takes_the_slide_label(tiny_cohort):
