@@ -317,7 +317,7 @@ class TilePlan:
 
     Attributes:
         direct: (n,) bool, boxes whose stored tiles are decoded straight into the batch.
-        uses: stored tile index -> number of the other boxes that need it.
+        uses: stored tile index -> number of the assembled (not direct) boxes that need it.
         last: stored tile index -> position of the last of those boxes.
         needed: distinct stored tiles (with data) that the boxes need: the decodes of a
             pass when the cache holds every shared tile until its last use.
