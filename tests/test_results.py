@@ -540,12 +540,6 @@ def test_tile_box_geometry():
     assert piece.tile_box(0, 0) == (1000, 2000, 256, 256)
     # row is y, col is x
     assert piece.tile_box(1, 2) == (1000 + 2 * 256, 2000 + 256, 256, 256)
-    assert piece.grid_box == (1000, 2000, 3 * 256, 2 * 256)
-    boxes = piece.map_boxes()
-    assert boxes.shape == (2, 3, 4) and boxes.dtype == np.int64
-    for r in range(2):
-        for c in range(3):
-            assert tuple(boxes[r, c]) == piece.tile_box(r, c)
     for cell in [(2, 0), (0, 3), (-1, 0)]:
         with pytest.raises(IndexError, match="outside the grid"):
             piece.tile_box(*cell)

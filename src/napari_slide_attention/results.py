@@ -345,15 +345,6 @@ class PieceResult:
         """Index of the piece's most probable class."""
         return int(np.argmax(self.probabilities))
 
-    @property
-    def grid_box(self) -> tuple[int, int, int, int] | None:
-        """Level-0 (x, y, w, h) covered by the whole tile grid; None without a grid."""
-        shape = self.grid_shape
-        if shape is None:
-            return None
-        x, y = self.grid_origin
-        return x, y, shape[1] * self.tile_size, shape[0] * self.tile_size
-
     def tile_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Returns the level-0 (x, y, w, h) of grid cell (row, col).
 
@@ -372,22 +363,6 @@ class PieceResult:
             )
         x, y = self.grid_origin
         return x + col * self.tile_size, y + row * self.tile_size, self.tile_size, self.tile_size
-
-    def map_boxes(self) -> np.ndarray:
-        """Returns the (H', W', 4) int64 level-0 (x, y, w, h) of every grid cell.
-
-        Raises:
-            ValueError: The piece has no grid (no maps, scores or tissue).
-        """
-        shape = self.grid_shape
-        if shape is None:
-            raise ValueError(f"piece {self.index} has no tile grid (no maps, scores or tissue)")
-        rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-        boxes = np.empty((*shape, 4), dtype=np.int64)
-        boxes[..., 0] = self.grid_origin[0] + cols * self.tile_size
-        boxes[..., 1] = self.grid_origin[1] + rows * self.tile_size
-        boxes[..., 2:] = self.tile_size
-        return boxes
 
     def _named_arrays(self) -> dict[str, np.ndarray]:
         """Returns the piece's arrays keyed by their path below pieces/<i>/."""
