@@ -51,6 +51,7 @@ from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.models.checkpoint import read_checkpoint
 from napari_slide_attention.models.dual_attention import DualAttentionConfig
 from napari_slide_attention.models.sampling import random_tiles
+from napari_slide_attention.slide.boxes import overlapping
 from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.slide.sampling import read_view, tile_edge_px
 from napari_slide_attention.train.cohort import make_synthetic_cohort
@@ -73,14 +74,6 @@ from needle import COHORT, PER_CLASS, report_checks
 DUAL = {**CPU_PRESET, "seed": 0}
 TARGET_HIT_RATIO = 5.0
 TARGET_F1_GAIN = 0.10
-
-
-def _overlaps(box: np.ndarray, lesions) -> bool:
-    x, y, w, h = (int(v) for v in box)
-    for (lx, ly, lw, lh), _ in lesions:
-        if x < lx + lw and lx < x + w and y < ly + lh and ly < y + h:
-            return True
-    return False
 
 
 def random_hit_rate(entry, config, draws: int, seed: int) -> float:
@@ -112,7 +105,7 @@ def random_hit_rate(entry, config, draws: int, seed: int) -> float:
             tile_size=tile_px,
             slide_size=size,
         )
-        hits += sum(_overlaps(b, entry.lesions) for b in picked.boxes)
+        hits += int(overlapping(picked.boxes, [b for b, _ in entry.lesions]).sum())
         total += len(picked.boxes)
     return hits / max(total, 1)
 
@@ -267,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             if event.stage == "slide" and entry.lesions:
                 result = event.data["result"]
                 boxes = result.arrays["tile_boxes"]
-                hits.append(np.mean([_overlaps(b, entry.lesions) for b in boxes]))
+                hits.append(overlapping(boxes, [b for b, _ in entry.lesions]).mean())
                 if sampler == "attention":
                     masses.append(attention_on_lesions(result, entry.lesions))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..slide.boxes import overlapping
 from ..slide.reader import open_slide
 from ..slide.synthetic import read_sidecar, write_synthetic_slide
 from ..slide.tissue import tile_grid, tissue_mask, tissue_pieces
@@ -84,13 +85,7 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
 
 def _lesion_hits(boxes, lesions) -> int:
     """How many level-0 boxes overlap at least one lesion box of the sidecar."""
-    hits = 0
-    for x, y, w, h in np.asarray(boxes).reshape(-1, 4):
-        hits += any(
-            x < lx + lw and lx < x + w and y < ly + lh and ly < y + h
-            for lx, ly, lw, lh in (lesion["box"] for lesion in lesions)
-        )
-    return int(hits)
+    return int(overlapping(boxes, [lesion["box"] for lesion in lesions]).sum())
 
 
 PLUGIN = "napari-slide-attention"
