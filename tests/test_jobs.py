@@ -130,3 +130,26 @@ def test_current_job_is_the_driver_inside_the_work_only():
     job = Job(work())
     job.run()
     assert seen == [job, job] and current_job() is None
+
+
+def test_the_event_finished_while_a_stop_arrives_is_delivered_before_the_stop():
+    """An epoch saved while Ctrl-C arrived is reported: the driver hands the event on and
+    closes the work at the next call, before any more work is done."""
+    log: list[str] = []
+    job = Job(None)  # type: ignore[arg-type]
+
+    def epochs():
+        try:
+            for epoch in (1, 2, 3):
+                if epoch == 2:
+                    job.stop("SIGINT")  # arrives while epoch 2 is being computed
+                log.append(f"epoch {epoch} saved")
+                yield Progress("epoch", epoch, 3)
+        finally:
+            log.append("closed")
+
+    job.work = epochs()
+    seen = []
+    with pytest.raises(Stopped, match="SIGINT"):
+        job.run(lambda e: seen.append(e.done))
+    assert seen == [1, 2] and log == ["epoch 1 saved", "epoch 2 saved", "closed"]

@@ -157,9 +157,7 @@ class Job(Generic[T]):
             finally:
                 _CURRENT.reset(token)
             self.events_seen += 1
-            if self._must_close():
-                self._close()
-            yield event
+            yield event  # a stop that came meanwhile closes the work at the next call
 
     def run(self, on_progress: Callable[[Progress], Any] | None = None) -> T:
         """Drive the job to its end in this thread; returns its result.

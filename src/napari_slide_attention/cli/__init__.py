@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 from ..jobs import Stopped
 from .driver import EXIT_ERROR, EXIT_STOPPED, EventPrinter
-from .models import _settings  # noqa: F401  (tests/_napari/test_finetune.py uses it)
 from .parser import build_parser
 
 __all__ = ["build_parser", "main"]
