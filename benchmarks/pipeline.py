@@ -34,8 +34,9 @@ the ratio of CPU times, which load from other processes disturbs less).
 Target: TileStream / plain decode >= 0.85 for the paper's grid and the aligned grid at
 every thread count. Exits 1 when a target fails.
 
-``predict_ratio`` is the place for the end-to-end figure (predict against the model alone
-on the same tiles in memory); it is not measured here yet.
+Then, on the same slide, ``benchmarks/pipeline_predict.py``: end-to-end
+``inference.predict`` against the model alone on the same tiles in memory, at the same
+core counts (the paper's 246 µm tiles resized to 224 px by default; target >= 0.9).
 
 Usage (from the repository root)::
 
@@ -197,22 +198,26 @@ def read_stored(path: Path) -> dict:
 
 
 def predict_ratio(path: Path, args: argparse.Namespace) -> dict | None:
-    """End-to-end predict against the model alone on the same tiles in memory.
-
-    PLACEHOLDER, to be filled by the inference side (this script imports neither torch
-    nor the inference package). What it should measure, on the slide at ``path``: tiles
-    per second of ``napari_slide_attention.inference.predict`` for a grid model, end to
-    end (open, tissue, pieces, TileStream reads, model, aggregation), against the same
-    model on the same pieces' tiles already decoded into memory, best of interleaved
-    rounds; target >= 0.9 ("reading hides behind compute").
-
-    It prints its own figures; ``main`` adds its result to the checks (and the JSON).
+    """End-to-end predict against the model alone on the same tiles in memory, at each
+    of ``--threads`` cores (``benchmarks/pipeline_predict.py``; imports torch), or None
+    with ``--no-predict``.
 
     Returns:
-        A JSON-able dict with at least "pass" (bool: every target met), or None when not
-        measured.
+        The report (with "pass": every target met), as ``pipeline_predict.predict_ratio``.
     """
-    return None
+    if args.no_predict:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline_predict import predict_ratio as measure
+
+    print()
+    return measure(
+        path,
+        core_counts=args.threads,
+        repeat=args.predict_repeat,
+        tile_um=args.tile_um,
+        input_px=args.input_px,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="TileStream batch size")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; best is kept")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--no-predict", action="store_true", help="skip predict against the model alone"
+    )
+    parser.add_argument("--predict-repeat", type=int, default=3, help="rounds for predict")
+    parser.add_argument("--tile-um", type=float, default=246.0, help="predict: tile edge, µm")
+    parser.add_argument("--input-px", type=int, default=224, help="predict: model input, px")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
 
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     predicted = predict_ratio(path, args)
     if predicted is None:
-        print("predict / model alone: not measured (predict_ratio is a placeholder)")
+        print("predict / model alone: not measured (--no-predict)")
     else:
         passed = bool(predicted["pass"])
         checks.append({"ratio": "predict / model alone", "pass": passed, "report": predicted})
