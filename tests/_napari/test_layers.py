@@ -6,49 +6,32 @@ import numpy as np
 import pytest
 
 from napari_slide_attention._napari.layers import attention_layer_data
-from napari_slide_attention.results import PieceResult, SlideResult
+from napari_slide_attention.results import SlideResult
 
 
-def _piece(index, origin, maps, contributions):
-    return PieceResult(
-        index=index,
-        box=(origin[0], origin[1], 512, 512),
-        probabilities=np.array([0.2, 0.8], np.float32),
-        grid_origin=origin,
-        tile_size=256,
-        maps=maps.astype(np.float32),
-        scores=maps.astype(np.float32),
-        tissue=np.ones(maps.shape[1:], bool),
-        arrays={"map_contributions": np.asarray(contributions, np.float32)},
-    )
-
-
-def _result():
+@pytest.fixture
+def grid_result(make_grid_result) -> SlideResult:
+    """Two pieces of 256 px tiles, three maps: piece 1 at level-0 (512, 256), 2x2 cells;
+    piece 2 at (1024, 1024), 1x3 cells."""
     a = np.zeros((3, 2, 2))
     a[:, 0, 0] = 0.5
     a[:, 1, 1] = 0.5
     b = np.zeros((3, 1, 3))
     b[:, 0, 2] = 1.0
-    pieces = [
-        _piece(1, (512, 256), a, [[0, 0, 0], [1.0, 3.0, 2.0]]),
-        _piece(2, (1024, 1024), b, [[0, 0, 0], [0.0, 0.5, 0.1]]),
-    ]
-    return SlideResult(
+    return make_grid_result(
         slide="s.tif",
-        model_kind="grid-attention",
         classes=("normal", "tumour"),
-        probabilities=np.array([0.2, 0.8], np.float32),
-        predicted=1,
-        aggregation="highest-risk",
-        pieces=pieces,
-        timings={},
-        model={},
-        slide_info={},
+        probabilities=[0.2, 0.8],
+        tile_px=256,
+        pieces=[
+            dict(index=1, origin=(512, 256), maps=a, contributions=[[0, 0, 0], [1.0, 3.0, 2.0]]),
+            dict(index=2, origin=(1024, 1024), maps=b, contributions=[[0, 0, 0], [0.0, 0.5, 0.1]]),
+        ],
     )
 
 
-def test_maps_of_all_pieces_share_one_grid_aligned_with_the_slide():
-    data, kwargs, kind = attention_layer_data(_result(), (0.5, 0.5))
+def test_maps_of_all_pieces_share_one_grid_aligned_with_the_slide(grid_result):
+    data, kwargs, kind = attention_layer_data(grid_result, (0.5, 0.5))
     assert kind == "image" and data.shape == (3, 4, 5)  # rows 1..4, cols 2..6 of the lattice
     # piece 1 at lattice (row 1, col 2): its cells (0,0) and (1,1), normalised to 1
     assert data[0, 0, 0] == 1 and data[0, 1, 1] == 1 and data[0, 0, 1] == 0
@@ -61,8 +44,8 @@ def test_maps_of_all_pieces_share_one_grid_aligned_with_the_slide():
     assert kwargs["translate"] == pytest.approx((0.0, (256 + 127.5) * 0.5, (512 + 127.5) * 0.5))
 
 
-def test_maps_are_ordered_by_their_weight_in_the_predicted_class():
-    _, kwargs, _ = attention_layer_data(_result(), (0.5, 0.5))
+def test_maps_are_ordered_by_their_weight_in_the_predicted_class(grid_result):
+    _, kwargs, _ = attention_layer_data(grid_result, (0.5, 0.5))
     assert kwargs["metadata"]["map_order"] == [1, 2, 0]  # weights 3.5, 2.1, 1.0
     assert kwargs["metadata"]["predicted"] == "tumour"
     assert kwargs["contrast_limits"] == (0.0, 1.0)

@@ -21,115 +21,81 @@ from napari_slide_attention._napari.tour import (
     sampled_tour,
     supported_tours,
 )
-from napari_slide_attention.results import PieceResult, SlideResult
+from napari_slide_attention.results import SlideResult
 
 SCALE = (0.5, 0.5)  # µm per level-0 px: a 256 px tile is 128 µm
 GRID_CONFIG = {"tile_um": 128.0, "input_px": 64}
 DUAL_CLASSES = ("normal", "low-grade", "high-grade", "carcinoma")
 
 
-def _piece(index, origin, maps, contributions):
-    return PieceResult(
-        index=index,
-        box=(origin[0], origin[1], 512, 512),
-        probabilities=np.array([0.2, 0.8], np.float32),
-        grid_origin=origin,
-        tile_size=256,
-        maps=np.asarray(maps, np.float32),
-        tissue=np.ones(np.shape(maps)[1:], bool),
-        arrays={"map_contributions": np.asarray(contributions, np.float32)},
-    )
-
-
-def _grid_result(config=GRID_CONFIG, shared=False) -> SlideResult:
-    """Two pieces, three maps; map 1 holds the attention the tests follow.
+@pytest.fixture
+def grid_result(make_grid_result):
+    """Builds two pieces of 256 px tiles, three maps; map 1 holds the attention the tests
+    follow.
 
     Piece 1 at level-0 (512, 256), 2x2 cells; piece 2 at (1024, 1024), 1x3 cells.
     Map weights in the predicted class: map 0 1.0, map 1 3.5, map 2 2.1 -> order 1, 2, 0.
     """
-    a = np.zeros((3, 2, 2))
-    a[0] = 0.25
-    a[1] = [[0.1, 0.4], [0.3, 0.2]]  # shown (/ 0.4): 0.25 1.0 / 0.75 0.5
-    a[2, 0, 0] = 1.0
-    b = np.zeros((3, 1, 3))
-    b[0, 0, 0] = 1.0
-    b[1] = [[0.0, 0.2, 0.8]]  # shown (/ 0.8): 0 0.25 1.0
-    b[2, 0, 1] = 1.0
-    pieces = [
-        _piece(1, (512, 256), a, [[0, 0, 0], [1.0, 3.0, 2.0]]),
-        _piece(2, (1024, 1024), b, [[0, 0, 0], [0.0, 0.5, 0.1]]),
-    ]
-    if shared:
-        # a third piece whose single cell is piece 1's cell (0, 1), level-0 (768, 256)
-        pieces.append(_piece(3, (768, 256), np.full((3, 1, 1), 0.05), [[0, 0, 0], [0, 0, 0]]))
-    return SlideResult(
-        slide="s.tif",
-        model_kind="grid-attention",
-        classes=("normal", "tumour"),
-        probabilities=np.array([0.2, 0.8], np.float32),
-        predicted=1,
-        aggregation="highest-risk",
-        pieces=pieces,
-        timings={},
-        model={"config": config} if config is not None else {},
-        slide_info={},
-    )
 
-
-def _dual_result(t: int = 3, config=None) -> SlideResult:
-    """Two sampled tiles of 256 level-0 px, the second ranked first; T glimpses each with
-    a 32 px (finest) and a 64 px field."""
-    boxes = np.array([[256, 128, 256, 256], [1024, 512, 256, 256]], np.int64)
-    steps = np.arange(t)
-    centres = np.stack(
-        [
-            np.stack([boxes[i, 0] + 64 + 40 * steps, boxes[i, 1] + 96 + 20 * steps], -1)
-            for i in (0, 1)
+    def build(config=GRID_CONFIG, shared=False) -> SlideResult:
+        a = np.zeros((3, 2, 2))
+        a[0] = 0.25
+        a[1] = [[0.1, 0.4], [0.3, 0.2]]  # shown (/ 0.4): 0.25 1.0 / 0.75 0.5
+        a[2, 0, 0] = 1.0
+        b = np.zeros((3, 1, 3))
+        b[0, 0, 0] = 1.0
+        b[1] = [[0.0, 0.2, 0.8]]  # shown (/ 0.8): 0 0.25 1.0
+        b[2, 0, 1] = 1.0
+        pieces = [
+            dict(index=1, origin=(512, 256), maps=a, contributions=[[0, 0, 0], [1.0, 3.0, 2.0]]),
+            dict(index=2, origin=(1024, 1024), maps=b, contributions=[[0, 0, 0], [0.0, 0.5, 0.1]]),
         ]
-    ).astype(np.float32)  # (N, T, 2) level-0 (x, y)
-    side = np.array([32.0, 64.0])
-    glimpse_boxes = np.stack(
-        [centres[..., 0, None] - side / 2, centres[..., 1, None] - side / 2]
-        + [np.broadcast_to(side, (*centres.shape[:2], 2))] * 2,
-        -1,
-    ).astype(np.float32)  # (N, T, S, 4)
-    step_probabilities = np.zeros((2, t, 4), np.float32)
-    step_probabilities[0, :, 1] = 0.8
-    step_probabilities[0, :, 0] = 0.2
-    step_probabilities[1, :, 3] = 0.9
-    step_probabilities[1, :, 2] = 0.1
-    step_probabilities[1, 0] = [0.6, 0.4, 0, 0]  # the top tile starts out "normal"
-    soft = np.zeros((4, 5), np.float32)
-    soft[1:3, 1:4] = 0.1
-    return SlideResult(
-        slide="d.tif",
-        model_kind="dual-attention",
-        classes=DUAL_CLASSES,
-        probabilities=np.array([0.1, 0.3, 0.1, 0.5], np.float32),
-        predicted=3,
-        aggregation="most-frequent-tile-class",
-        pieces=[],
-        timings={},
-        model={"config": config} if config is not None else {},
-        slide_info={},
-        arrays={
-            "soft_attention": soft,
-            "soft_tissue": soft > 0,
-            "tile_boxes": boxes,
-            "tile_attention": np.array([0.4, 1.0], np.float32),
-            "tile_rank": np.array([1, 0], np.int64),
-            "tile_classes": np.array([1, 3], np.int64),
-            "tile_probabilities": np.array([[0.2, 0.8, 0, 0], [0, 0, 0.1, 0.9]], np.float32),
-            "glimpse_centres": centres,
-            "glimpse_boxes": glimpse_boxes,
-            "glimpse_probabilities": step_probabilities,
-        },
-        info={
-            "sampler": "attention",
-            "soft_attention": {"origin": [0, 0], "cell_size": 128.0},
-            "glimpse_scales": [1.0, 2.0],
-        },
-    )
+        if shared:
+            # a third piece whose single cell is piece 1's cell (0, 1), level-0 (768, 256)
+            third = np.full((3, 1, 1), 0.05)
+            pieces.append(
+                dict(index=3, origin=(768, 256), maps=third, contributions=[[0, 0, 0], [0, 0, 0]])
+            )
+        return make_grid_result(
+            slide="s.tif",
+            classes=("normal", "tumour"),
+            probabilities=[0.2, 0.8],
+            tile_px=256,
+            pieces=pieces,
+            config=config,
+        )
+
+    return build
+
+
+@pytest.fixture
+def dual_result(make_dual_result):
+    """Builds two sampled tiles of 256 level-0 px, the second ranked first; T glimpses each
+    with a 32 px (finest) and a 64 px field."""
+
+    def build(t: int = 3, config=None) -> SlideResult:
+        soft = np.zeros((4, 5), np.float32)
+        soft[1:3, 1:4] = 0.1
+        result = make_dual_result(
+            slide="d.tif",
+            classes=DUAL_CLASSES,
+            probabilities=[0.1, 0.3, 0.1, 0.5],
+            soft_attention=soft,
+            soft_cell_px=128,
+            tile_boxes=[[256, 128, 256, 256], [1024, 512, 256, 256]],
+            tile_attention=[0.4, 1.0],  # tile_rank [1, 0]
+            tile_probabilities=[[0.2, 0.8, 0, 0], [0, 0, 0.1, 0.9]],
+            glimpses=t,
+            glimpse_start=(64, 96),
+            glimpse_step=(40, 20),
+            glimpse_sides=(32, 64),
+            config=config,
+        )
+        # the top tile starts out "normal"
+        result.arrays["glimpse_probabilities"][1, 0] = [0.6, 0.4, 0, 0]
+        return result
+
+    return build
 
 
 def _tile_centre(x, y, size=256, scale=SCALE):
@@ -140,14 +106,14 @@ def _tile_centre(x, y, size=256, scale=SCALE):
 # -- attention tours ---------------------------------------------------------------------------
 
 
-def test_map_order_is_the_attention_layers_order():
-    result = _grid_result()
+def test_map_order_is_the_attention_layers_order(grid_result):
+    result = grid_result()
     _, kwargs, _ = attention_layer_data(result, SCALE)
     assert map_order(result) == kwargs["metadata"]["map_order"] == [1, 2, 0]
 
 
-def test_attention_tour_visits_the_maps_tiles_highest_first_as_the_viewer_shows_them():
-    stops = attention_tour(_grid_result(), 1, SCALE)
+def test_attention_tour_visits_the_maps_tiles_highest_first_as_the_viewer_shows_them(grid_result):
+    stops = attention_tour(grid_result(), 1, SCALE)
     # shown values: piece 2 (0, 2) 1.0 (raw 0.8) before piece 1 (0, 1) 1.0 (raw 0.4), then
     # 0.75, 0.5, and the two 0.25 cells by raw attention; piece 2's empty cell never
     assert [s.box[:2] for s in stops] == [
@@ -166,17 +132,17 @@ def test_attention_tour_visits_the_maps_tiles_highest_first_as_the_viewer_shows_
     assert (first.info["piece"], first.info["row"], first.info["col"]) == (2, 0, 2)
     assert first.info["map_rank"] == 1 and first.info["map_weight"] == pytest.approx(3.5)
     assert [s.info["step"] for s in stops] == [1, 2, 3, 4, 5, 6]
-    assert len(attention_tour(_grid_result(), 1, SCALE, top=2)) == 2
+    assert len(attention_tour(grid_result(), 1, SCALE, top=2)) == 2
     # map 0 (#3 by weight): piece 2's one cell (raw 1.0) before piece 1's flat 0.25s,
     # which come in reading order
-    map0 = attention_tour(_grid_result(), 0, SCALE, top=3)
+    map0 = attention_tour(grid_result(), 0, SCALE, top=3)
     assert [s.box[:2] for s in map0] == [(1024, 1024), (512, 256), (768, 256)]
     assert map0[0].title.startswith("map 0 (#3 for tumour), tile 1 of 3")
 
 
-def test_attention_stops_are_centred_on_their_tiles():
+def test_attention_stops_are_centred_on_their_tiles(grid_result):
     for scale in (SCALE, (0.5, 0.25), (1.0, 1.0)):
-        stops = attention_tour(_grid_result(), 1, scale)
+        stops = attention_tour(grid_result(), 1, scale)
         for stop in stops:
             x, y, w, h = stop.box
             assert (w, h) == (256, 256)
@@ -184,40 +150,40 @@ def test_attention_stops_are_centred_on_their_tiles():
             assert stop.centre == pytest.approx(box_centre(stop.box, scale))
     # the centre is where the attention layer draws the cell: piece 2's cell (0, 2) is
     # lattice (row 4, col 6); the layer's first cell is lattice (1, 2)
-    _, kwargs, _ = attention_layer_data(_grid_result(), SCALE)
+    _, kwargs, _ = attention_layer_data(grid_result(), SCALE)
     _, ty, tx = kwargs["translate"]
     _, cy, cx = kwargs["scale"]
-    stop = attention_tour(_grid_result(), 1, SCALE)[0]
+    stop = attention_tour(grid_result(), 1, SCALE)[0]
     assert stop.centre == pytest.approx((ty + (4 - 1) * cy, tx + (6 - 2) * cx))
 
 
-def test_attention_zoom_shows_one_screen_pixel_per_input_pixel():
+def test_attention_zoom_shows_one_screen_pixel_per_input_pixel(grid_result):
     # 64 input px for a 128 µm tile: 0.5 screen px per µm
-    stops = attention_tour(_grid_result(), 1, SCALE)
+    stops = attention_tour(grid_result(), 1, SCALE)
     assert [s.zoom for s in stops] == pytest.approx([64 / 128] * len(stops))
     assert stops[0].zoom == pytest.approx(GRID_CONFIG["input_px"] / GRID_CONFIG["tile_um"])
     # without an mpp (1 world unit = 1 px): input_px / tile_size
-    assert attention_tour(_grid_result(), 1, (1.0, 1.0))[0].zoom == pytest.approx(64 / 256)
+    assert attention_tour(grid_result(), 1, (1.0, 1.0))[0].zoom == pytest.approx(64 / 256)
     # anisotropic pixels: the tile's larger world side (256 px x 0.5 µm) sets the zoom
-    assert attention_tour(_grid_result(), 1, (0.5, 0.25))[0].zoom == pytest.approx(64 / 128)
+    assert attention_tour(grid_result(), 1, (0.5, 0.25))[0].zoom == pytest.approx(64 / 128)
     # an input larger than the view: capped so the tile still fits
-    big = _grid_result({"tile_um": 128.0, "input_px": 4096})
+    big = grid_result({"tile_um": 128.0, "input_px": 4096})
     assert attention_tour(big, 1, SCALE)[0].zoom == pytest.approx(TILE_FILL * 1024 / 128)
     assert attention_tour(big, 1, SCALE, view_px=2000)[0].zoom == pytest.approx(0.9 * 2000 / 128)
     # no config (a run still in progress): the tile fills a third of the view
-    bare = _grid_result(config=None)
+    bare = grid_result(config=None)
     assert attention_tour(bare, 1, SCALE)[0].zoom == pytest.approx(DETAIL_FILL * 1024 / 128)
 
 
-def test_a_cell_two_pieces_share_is_visited_once():
-    stops = attention_tour(_grid_result(shared=True), 1, SCALE)
+def test_a_cell_two_pieces_share_is_visited_once(grid_result):
+    stops = attention_tour(grid_result(shared=True), 1, SCALE)
     boxes = [s.box[:2] for s in stops]
     assert boxes.count((768, 256)) == 1 and len(boxes) == 6
     assert stops[1].info["piece"] == 1  # piece 1's value there (shown 1.0, raw 0.4) wins
 
 
-def test_attention_tour_errors_say_what_is_wrong():
-    result = _grid_result()
+def test_attention_tour_errors_say_what_is_wrong(grid_result, dual_result):
+    result = grid_result()
     with pytest.raises(ValueError, match=r"map 3 is out of range: the result has 3 maps \(0..2\)"):
         attention_tour(result, 3, SCALE)
     with pytest.raises(ValueError, match="out of range"):
@@ -227,16 +193,16 @@ def test_attention_tour_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="top must be a positive"):
         attention_tour(result, 1, SCALE, top=0)
     with pytest.raises(ValueError, match=r"d\.tif \(dual-attention\) has no attention maps"):
-        attention_tour(_dual_result(), 0, SCALE)
+        attention_tour(dual_result(), 0, SCALE)
     with pytest.raises(ValueError, match="no attention maps"):
-        map_order(_dual_result())
+        map_order(dual_result())
 
 
 # -- sampled tiles and glimpses ----------------------------------------------------------------
 
 
-def test_sampled_tour_goes_tile_by_tile_in_rank_order_with_its_glimpses():
-    result = _dual_result(t=3)
+def test_sampled_tour_goes_tile_by_tile_in_rank_order_with_its_glimpses(dual_result):
+    result = dual_result(t=3)
     stops = sampled_tour(result, SCALE)
     tile_and_glimpses = ["sampled tile", "glimpse", "glimpse", "glimpse"]
     assert [s.kind for s in stops] == tile_and_glimpses * 2
@@ -264,19 +230,19 @@ def test_sampled_tour_goes_tile_by_tile_in_rank_order_with_its_glimpses():
     ]
 
 
-def test_sampled_zooms_tile_at_the_models_magnification_glimpse_at_a_third_of_the_view():
+def test_sampled_zooms_tile_at_the_models_magnification_glimpse_at_a_third_of_the_view(dual_result):
     # the hard attention read the 128 µm tile at 128 px: 1 screen px per µm, fits the view
-    stops = sampled_tour(_dual_result(config={"hard": {"tile_px": 128}}), SCALE)
+    stops = sampled_tour(dual_result(config={"hard": {"tile_px": 128}}), SCALE)
     assert stops[0].zoom == pytest.approx(1.0)
     # the finest glimpse box (32 px = 16 µm) spans a third of a 1024 px view
     assert stops[1].zoom == pytest.approx(1024 / 3 / 16)
     assert stops[1].zoom * 16 == pytest.approx(1024 / 3)
     # the default tile_px (2048) would not fit: the tile fills 90% of the view
-    default = sampled_tour(_dual_result(config={"hard": {}}), SCALE, view_px=800)
+    default = sampled_tour(dual_result(config={"hard": {}}), SCALE, view_px=800)
     assert default[0].zoom == pytest.approx(TILE_FILL * 800 / 128)
     assert default[1].zoom == pytest.approx(800 / 3 / 16)
     # no config: fitted too
-    assert sampled_tour(_dual_result(), SCALE)[0].zoom == pytest.approx(TILE_FILL * 1024 / 128)
+    assert sampled_tour(dual_result(), SCALE)[0].zoom == pytest.approx(TILE_FILL * 1024 / 128)
 
 
 def test_hard_tile_px_matches_the_models_default():
@@ -287,21 +253,21 @@ def test_hard_tile_px_matches_the_models_default():
     assert fields["tile_px"].default == HARD_TILE_PX
 
 
-def test_sampled_tour_refuses_a_grid_result_and_bad_counts():
+def test_sampled_tour_refuses_a_grid_result_and_bad_counts(grid_result, dual_result):
     with pytest.raises(ValueError, match=r"s\.tif \(grid-attention\) has no tile_boxes.*dual"):
-        sampled_tour(_grid_result(), SCALE)
+        sampled_tour(grid_result(), SCALE)
     with pytest.raises(ValueError, match="tiles must be"):
-        sampled_tour(_dual_result(), SCALE, tiles=0)
-    result = _dual_result()
+        sampled_tour(dual_result(), SCALE, tiles=0)
+    result = dual_result()
     del result.arrays["glimpse_boxes"]
     with pytest.raises(ValueError, match="glimpse_boxes"):
         sampled_tour(result, SCALE)
     assert len(sampled_tour(result, SCALE, glimpses=False)) == 2
 
 
-def test_supported_tours():
-    assert supported_tours(_grid_result()) == (ATTENTION,)
-    assert supported_tours(_dual_result()) == (SAMPLED,)
+def test_supported_tours(grid_result, dual_result):
+    assert supported_tours(grid_result()) == (ATTENTION,)
+    assert supported_tours(dual_result()) == (SAMPLED,)
     assert supported_tours(None) == ()
 
 
@@ -348,7 +314,7 @@ def test_panel_without_a_result_disables_its_buttons(make_napari_viewer):
 
 
 @pytest.mark.gui
-def test_panel_tours_a_grid_result_map_by_map(make_napari_viewer, small_slide):
+def test_panel_tours_a_grid_result_map_by_map(make_napari_viewer, small_slide, grid_result):
     from napari_slide_attention._napari.session import session_for
 
     viewer = make_napari_viewer()
@@ -356,14 +322,14 @@ def test_panel_tours_a_grid_result_map_by_map(make_napari_viewer, small_slide):
     session.open_slide(small_slide)
     panel = _tour_panel(viewer)
     assert not panel.next_button.isEnabled()
-    session.show_result(_grid_result())
+    session.show_result(grid_result())
     scale = session.scale
     assert panel.mode.currentData() == ATTENTION
     assert not panel.mode.model().item(1).isEnabled()  # no sampled tiles in a grid result
     assert [panel.map_choice.itemData(i) for i in range(3)] == [1, 2, 0]
     assert panel.next_button.isEnabled() and not panel.previous_button.isEnabled()
 
-    expected = attention_tour(_grid_result(), 1, scale, view_px=panel._view_px)
+    expected = attention_tour(grid_result(), 1, scale, view_px=panel._view_px)
     active = viewer.layers.selection.active
     for i in range(3):
         panel.next_button.click()
@@ -396,13 +362,13 @@ def test_panel_tours_a_grid_result_map_by_map(make_napari_viewer, small_slide):
 
 
 @pytest.mark.gui
-def test_panel_plays_a_dual_result_on_a_timer(make_napari_viewer, qtbot, small_slide):
+def test_panel_plays_a_dual_result_on_a_timer(make_napari_viewer, qtbot, small_slide, dual_result):
     from napari_slide_attention._napari.session import session_for
 
     viewer = make_napari_viewer()
     session = session_for(viewer)
     session.open_slide(small_slide)
-    session.show_result(_dual_result(t=2, config={"hard": {"tile_px": 128}}))
+    session.show_result(dual_result(t=2, config={"hard": {"tile_px": 128}}))
     panel = _tour_panel(viewer)  # made after the result: picks it up
     assert panel.mode.currentData() == SAMPLED and not panel.map_choice.isEnabled()
     assert len(panel.stops) == 6
@@ -427,7 +393,9 @@ def test_panel_plays_a_dual_result_on_a_timer(make_napari_viewer, qtbot, small_s
 
 
 @pytest.mark.gui
-def test_a_closed_panel_never_hears_a_later_result(make_napari_viewer, qtbot, small_slide):
+def test_a_closed_panel_never_hears_a_later_result(
+    make_napari_viewer, qtbot, small_slide, grid_result
+):
     from napari_slide_attention._napari.session import session_for
 
     viewer = make_napari_viewer()
@@ -439,5 +407,5 @@ def test_a_closed_panel_never_hears_a_later_result(make_napari_viewer, qtbot, sm
     viewer.window.remove_dock_widget("all")
     panel.deleteLater()
     qtbot.waitUntil(lambda: bool(gone), timeout=5000)
-    session.show_result(_grid_result())  # must not reach the deleted widget
+    session.show_result(grid_result())  # must not reach the deleted widget
     assert session.layer("attention") is not None
