@@ -46,28 +46,40 @@ def layer_of(parts: tuple[str, ...]) -> str:
     return "shared" if top in SHARED else top
 
 
+def ours(node: ast.ImportFrom, package: list[str]) -> list[str] | None:
+    """The module of ours a ``from`` import names, as parts below the package (None for a
+    third-party module)."""
+    if node.level:
+        base = package[: len(package) - (node.level - 1)]
+        return [*base, *(node.module.split(".") if node.module else [])]
+    if node.module and node.module.split(".")[0] == NAME:
+        return node.module.split(".")[1:]
+    return None
+
+
+def modules():
+    """(parts below the package, its layer, its package parts, parsed tree) per module."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).parts
+        yield rel, layer_of(rel), list(rel[:-1]), ast.parse(path.read_text())
+
+
 @functools.cache
 def imports() -> list[tuple[str, str, str, int, str]]:
     """(importer layer, importee layer or package, file, line, module) for every import."""
     rows = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE).parts
-        me = layer_of(rel)
-        package = list(rel[:-1])
-        for node in ast.walk(ast.parse(path.read_text())):
+    for rel, me, package, tree in modules():
+        for node in ast.walk(tree):
             targets: list[tuple[str, ...] | str] = []
             if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package[: len(package) - (node.level - 1)]
-                    module = [*base, *(node.module.split(".") if node.module else [])]
-                    if not node.module:  # from . import a, b
-                        targets += [tuple([*module, a.name]) for a in node.names]
-                    else:
-                        targets.append(tuple(module))
-                elif node.module and node.module.split(".")[0] == NAME:
-                    targets.append(tuple(node.module.split(".")[1:]))
-                elif node.module:
-                    targets.append(node.module.split(".")[0])
+                module = ours(node, package)
+                if module is None:
+                    if node.module:
+                        targets.append(node.module.split(".")[0])
+                elif not node.module:  # from . import a, b
+                    targets += [tuple([*module, a.name]) for a in node.names]
+                else:
+                    targets.append(tuple(module))
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     head, *rest = alias.name.split(".")
@@ -113,19 +125,12 @@ def test_third_party_packages_stay_in_their_layers(package):
 def test_no_private_name_crosses_a_layer():
     """A layer uses another only through its public names."""
     bad = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE).parts
-        me = layer_of(rel)
-        package = list(rel[:-1])
-        for node in ast.walk(ast.parse(path.read_text())):
+    for rel, me, package, tree in modules():
+        for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level:
-                base = package[: len(package) - (node.level - 1)]
-                target = [*base, *(node.module.split(".") if node.module else [])]
-            elif node.module and node.module.split(".")[0] == NAME:
-                target = node.module.split(".")[1:]
-            else:
+            target = ours(node, package)
+            if target is None:
                 continue
             if layer_of(tuple(target)) == me:
                 continue
