@@ -148,7 +148,10 @@ def test_predict_slide_gives_tile_probabilities_on_the_pieces_grid(resumed, coho
         predict_sliding_window(root / "cut" / "best.safetensors", entry.slide, device="cpu"),
         events.append,
     )
-    assert [e.stage for e in events] == ["tissue", "tissue", "piece"]
+    stages = [e.stage for e in events]
+    assert [s for s in stages if s != "tiles"] == ["tissue", "tissue", "piece"]
+    assert stages[2:-1] == ["tiles"] * (len(stages) - 3)  # progress inside the piece
+    assert events[-2].done == events[-2].total == result.info["tiles"]
     assert result.model_kind == "sliding-window" and result.aggregation == "thresholds"
     config = result.model["config"]
     from napari_slide_attention.slide.reader import open_slide
@@ -192,7 +195,7 @@ def test_slides_above_the_lowest_risk_need_lesion_boxes(cohort, tmp_path):
 
 def test_without_a_validation_split_the_defaults_stay_and_a_message_says_so(cohort, tmp_path):
     train_only = Cohort(cohort.classes, cohort.split("train"), cohort.path)
-    settings = replace(SETTINGS, epochs=1, trainable_blocks=0)
+    settings = replace(SETTINGS, epochs=1, model={**SETTINGS.model, "trainable_blocks": 0})
     events = []
     summary = run_to_end(
         train_sliding_window(train_only, tmp_path / "run", settings), events.append
