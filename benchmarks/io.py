@@ -44,6 +44,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from decode_limit import plain_decode
 from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.slide.stream import TileStream, default_workers
 
@@ -193,31 +194,9 @@ def run_plain_decode(path: Path, size: int, workers: int) -> dict:
             fh.seek(offset)
             blobs.append(fh.read(count))
 
-    from napari_slide_attention.slide.stored_tiles import JPEG_ROW_OFFSET, offset_empty
-
-    local = threading.local()
-
-    def decode(chunk: list[bytes]) -> int:
-        # One tile buffer per thread, decoded into again and again: it stays in the cache,
-        # and its rows are off the 32-byte boundaries where libjpeg-turbo would bypass the
-        # cache (a fresh array per tile lands on one by chance of the allocator).
-        out = getattr(local, "out", None)
-        if out is None:
-            out = local.out = offset_empty((TILE, TILE, 3), np.dtype(np.uint8), JPEG_ROW_OFFSET)
-        for data in chunk:
-            imagecodecs.jpeg8_decode(
-                data, tables=tables, colorspace=colorspace, outcolorspace=outcolorspace, out=out
-            )
-        return len(chunk)
-
-    # Few large chunks: no per-tile scheduling, the least Python a threaded decode can do.
-    per = math.ceil(len(blobs) / (workers * 16))
-    chunks = [blobs[i : i + per] for i in range(0, len(blobs), per)]
-    with ThreadPoolExecutor(workers) as pool:
-        cpu, start = time.process_time(), time.perf_counter()
-        tiles = sum(pool.map(decode, chunks))
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"seconds": seconds, "cpu": cpu, "tiles": tiles}
+    return plain_decode(
+        blobs, TILE, workers, tables=tables, colorspace=colorspace, outcolorspace=outcolorspace
+    )
 
 
 def run_dask(path: Path, size: int, workers: int) -> dict:

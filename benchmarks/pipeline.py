@@ -52,18 +52,16 @@ import math
 import os
 import platform
 import sys
-import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
 import tifffile
 
+from decode_limit import plain_decode
 from napari_slide_attention.slide.reader import open_slide
-from napari_slide_attention.slide.stored_tiles import JPEG_ROW_OFFSET, offset_empty
 from napari_slide_attention.slide.stream import TileStream
 from napari_slide_attention.slide.synthetic import write_synthetic_slide
 
@@ -148,32 +146,19 @@ def run_stream(path: Path, boxes: np.ndarray, workers: int, batch_size: int) -> 
 def run_plain_decode(stored: dict, indices: list[int], workers: int) -> dict:
     """Decode each needed stored tile once, from memory, into one buffer per thread."""
     blobs = [stored["blobs"][i] for i in indices]
-    tables, colorspace, outcolorspace = stored["tables"], *stored["colorspace"]
-    local = threading.local()
-
-    def decode(chunk: list[bytes]) -> int:
-        # One tile buffer per thread, decoded into again and again: it stays in the cache,
-        # with its rows off the 32-byte boundaries where libjpeg-turbo bypasses the cache.
-        out = getattr(local, "out", None)
-        if out is None:
-            shape = (STORED_TILE, STORED_TILE, 3)
-            out = local.out = offset_empty(shape, np.dtype(np.uint8), JPEG_ROW_OFFSET)
-        for data in chunk:
-            imagecodecs.jpeg8_decode(
-                data, tables=tables, colorspace=colorspace, outcolorspace=outcolorspace, out=out
-            )
-        return len(chunk)
-
-    # Few large chunks: no per-tile scheduling, the least Python a threaded decode can do.
-    per = math.ceil(len(blobs) / (workers * 16))
-    chunks = [blobs[i : i + per] for i in range(0, len(blobs), per)]
-    with ThreadPoolExecutor(workers) as pool:
-        cpu, start = time.process_time(), time.perf_counter()
-        decoded = sum(pool.map(decode, chunks))
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    colorspace, outcolorspace = stored["colorspace"]
+    run = plain_decode(
+        blobs,
+        STORED_TILE,
+        workers,
+        tables=stored["tables"],
+        colorspace=colorspace,
+        outcolorspace=outcolorspace,
+    )
+    decoded = run.pop("tiles")
     if decoded != len(indices):
         raise RuntimeError(f"decoded {decoded} stored tiles, expected {len(indices)}")
-    return {"seconds": seconds, "cpu": cpu}
+    return run
 
 
 def read_stored(path: Path) -> dict:
