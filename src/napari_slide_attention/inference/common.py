@@ -9,9 +9,10 @@ The kinds differ only in what they do with a piece's tiles (``inference/grid.py`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,20 +140,15 @@ def load_model_for_inference(
     return LoadedModel(model, device, use_amp, checkpoint_path, start)
 
 
-class opened:
+@contextlib.contextmanager
+def opened(slide: Slide | str | os.PathLike, mpp: float | None) -> Iterator[Slide]:
     """``with opened(slide, mpp) as s``: the slide itself, or the path opened (and closed
     at the end)."""
-
-    def __init__(self, slide: Slide | str | os.PathLike, mpp: float | None):
-        self.own = not isinstance(slide, Slide)
-        self.slide = open_slide(slide, mpp=mpp) if self.own else slide
-
-    def __enter__(self) -> Slide:
-        return self.slide
-
-    def __exit__(self, *exc: object) -> None:
-        if self.own:
-            self.slide.close()
+    if isinstance(slide, Slide):
+        yield slide
+        return
+    with open_slide(slide, mpp=mpp) as own:
+        yield own
 
 
 def slide_facts(slide: Slide, **more: Any) -> dict[str, Any]:
