@@ -511,13 +511,33 @@ def _tile_offsets(path: Path) -> tuple[list[int], list[int]]:
         return list(page.dataoffsets), list(page.databytecounts)
 
 
+def _cut_in_tile(path, tile: int) -> None:
+    """Truncate the file in the middle of stored tile ``tile`` (the tiles before survive)."""
+    offsets, counts = _tile_offsets(path)
+    path.write_bytes(path.read_bytes()[: offsets[tile] + counts[tile] // 2])
+
+
+def _zero_tile(path, tile: int) -> None:
+    """Overwrite stored tile ``tile``'s bytes with zeros (a corrupt tile)."""
+    offsets, counts = _tile_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[tile] : offsets[tile] + counts[tile]] = bytes(counts[tile])
+    path.write_bytes(bytes(data))
+
+
+def _names_tile(message: str, tile: int) -> bool:
+    """Whether an error message names level 0's stored tile ``tile`` by row and column."""
+    across = -(-WIDTH // TILE)
+    return (
+        "level 0" in message and f"tile (row {tile // across}, column {tile % across})" in message
+    )
+
+
 @pytest.mark.parametrize("compression", ["jpeg", "zlib"])
 def test_truncated_file_names_the_tile(tmp_path, image, compression):
     path = _write(tmp_path / "cut.tif", image, compression, levels=1)
-    offsets, counts = _tile_offsets(path)
     cut = 40  # tiles 0..39 survive (tile 40 is cut in the middle)
-    data = path.read_bytes()
-    path.write_bytes(data[: offsets[cut] + counts[cut] // 2])
+    _cut_in_tile(path, cut)
     slide = _open(path)
     boxes = _grid(slide, 0, TILE)
     stream = TileStream(slide, 0, boxes, batch_size=8)
@@ -526,10 +546,8 @@ def test_truncated_file_names_the_tile(tmp_path, image, compression):
     with pytest.raises(SlideError) as info:
         for batch in stream:
             seen.append(batch.indices)
-    across = -(-WIDTH // TILE)
     message = str(info.value)
-    assert str(path) in message and "truncated" in message and "level 0" in message
-    assert f"tile (row {cut // across}, column {cut % across})" in message
+    assert str(path) in message and "truncated" in message and _names_tile(message, cut)
     # Batches before the one holding the cut tile were delivered first.
     assert len(seen) == cut // 8
     assert not _stream_threads(stream)
@@ -539,31 +557,24 @@ def test_truncated_file_names_the_tile(tmp_path, image, compression):
 @pytest.mark.parametrize("compression", ["jpeg", "zlib"])
 def test_corrupt_tile_names_the_tile(tmp_path, image, compression):
     path = _write(tmp_path / "bad.tif", image, compression, levels=1)
-    offsets, counts = _tile_offsets(path)
     bad = 13
-    data = bytearray(path.read_bytes())
-    data[offsets[bad] : offsets[bad] + counts[bad]] = bytes(counts[bad])
-    path.write_bytes(bytes(data))
+    _zero_tile(path, bad)
     slide = _open(path)
     boxes = _grid(slide, 0, TILE)
     stream = TileStream(slide, 0, boxes, batch_size=4)
     assert stream.stats.fast == len(boxes)
     with pytest.raises(SlideError) as info:
         list(stream)
-    across = -(-WIDTH // TILE)
     message = str(info.value)
-    assert "corrupt" in message and "level 0" in message
-    assert f"tile (row {bad // across}, column {bad % across})" in message
+    assert "corrupt" in message and _names_tile(message, bad)
     slide.close()
 
 
 @pytest.mark.parametrize("compression", ["jpeg", "zlib"])
 def test_truncated_file_names_the_tile_of_the_first_assembled_box(tmp_path, image, compression):
     path = _write(tmp_path / "cut.tif", image, compression, levels=1)
-    offsets, counts = _tile_offsets(path)
     cut = 40  # tiles 0..39 survive (tile 40 is cut in the middle)
-    data = path.read_bytes()
-    path.write_bytes(data[: offsets[cut] + counts[cut] // 2])
+    _cut_in_tile(path, cut)
     slide = _open(path)
     boxes = _grid(slide, 0, 100) + np.array([-30, 17, 0, 0])
     stream = TileStream(slide, 0, boxes, batch_size=8, workers=2)
@@ -576,10 +587,8 @@ def test_truncated_file_names_the_tile_of_the_first_assembled_box(tmp_path, imag
     with pytest.raises(SlideError) as info:
         for batch in stream:
             seen.append(batch.indices)
-    across = -(-WIDTH // TILE)
     message = str(info.value)
-    assert str(path) in message and "truncated" in message and "level 0" in message
-    assert f"tile (row {lost // across}, column {lost % across})" in message
+    assert str(path) in message and "truncated" in message and _names_tile(message, lost)
     assert len(seen) == first // 8
     assert not _stream_threads(stream)
     slide.close()
@@ -588,11 +597,8 @@ def test_truncated_file_names_the_tile_of_the_first_assembled_box(tmp_path, imag
 @pytest.mark.parametrize("compression", ["jpeg", "zlib"])
 def test_corrupt_tile_names_the_tile_in_assembled_boxes(tmp_path, image, compression):
     path = _write(tmp_path / "bad.tif", image, compression, levels=1)
-    offsets, counts = _tile_offsets(path)
     bad = 13
-    data = bytearray(path.read_bytes())
-    data[offsets[bad] : offsets[bad] + counts[bad]] = bytes(counts[bad])
-    path.write_bytes(bytes(data))
+    _zero_tile(path, bad)
     slide = _open(path)
     boxes = _grid(slide, 0, 150) + np.array([40, -60, 0, 0])
     stream = TileStream(slide, 0, boxes, batch_size=3, workers=2)
@@ -602,10 +608,8 @@ def test_corrupt_tile_names_the_tile_in_assembled_boxes(tmp_path, image, compres
     with pytest.raises(SlideError) as info:
         for batch in stream:
             seen.append(batch.indices)
-    across = -(-WIDTH // TILE)
     message = str(info.value)
-    assert "corrupt" in message and "level 0" in message
-    assert f"tile (row {bad // across}, column {bad % across})" in message
+    assert "corrupt" in message and _names_tile(message, bad)
     assert len(seen) == first // 3
     slide.close()
 
@@ -613,9 +617,7 @@ def test_corrupt_tile_names_the_tile_in_assembled_boxes(tmp_path, image, compres
 def test_truncated_strip_tiff_raises_at_its_band(tmp_path, image):
     path = tmp_path / "strips.tif"
     tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=48)
-    offsets, counts = _tile_offsets(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: offsets[10] + counts[10] // 2])  # rows from 480 on are lost
+    _cut_in_tile(path, 10)  # rows from 480 on are lost
     slide = _open(path)
     boxes = _grid(slide, 0, 100) + np.array([-30, 17, 0, 0])
     stream = TileStream(slide, 0, boxes, batch_size=4, workers=2)
