@@ -13,7 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from .shapes import centres, hash01, lesion_inside, piece_extent, piece_inside, span, value_noise
+from .shapes import (
+    centres,
+    hash01,
+    lesion_inside,
+    nuclei_coverage,
+    piece_extent,
+    piece_inside,
+    span,
+    value_noise,
+)
 
 # Grey level of the glass around the tissue.
 _BACKGROUND_LEVEL = 240
@@ -211,43 +220,14 @@ class Renderer:
     @staticmethod
     def _nuclei(tex: _Texture, seed: int, xs: np.ndarray, ys: np.ndarray, d: float) -> np.ndarray:
         """Nuclear coverage in [0, 1]: at most one jittered elliptical nucleus per cell."""
-        c = tex.cell
-        cx = np.floor(xs / c)
-        cy = np.floor(ys / c)
-        cx0, cy0 = int(cx[0]), int(cy[0])
-        ncx, ncy = int(cx[-1]) - cx0 + 1, int(cy[-1]) - cy0 + 1
-        gx = np.arange(cx0, cx0 + ncx)[None, :]
-        gy = np.arange(cy0, cy0 + ncy)[:, None]
-
-        def u(stream: int) -> np.ndarray:
-            return hash01(seed * 16 + stream, gx, gy)
-
-        radius = tex.radius * (1.0 + tex.pleomorphism * (2.0 * u(1) - 1.0))
-        elong = 1.0 + tex.elongation * u(2)
-        ra, rb = radius * np.sqrt(elong), radius / np.sqrt(elong)
-        # Keep each nucleus inside its own cell so a pixel only has to look at one cell.
-        slack = np.maximum(0.0, c / 2.0 - ra - 0.5)
-        ox = c / 2.0 + slack * (2.0 * u(3) - 1.0)
-        oy = c / 2.0 + slack * (2.0 * u(4) - 1.0)
-        phi = math.pi * u(5)
-        present = u(6) < tex.density
-        cos, sin = np.cos(phi), np.sin(phi)
-        # Absent nuclei get a huge inverse radius, so their coverage clips to zero.
-        inv_a = np.where(present, 1.0 / ra, 1e3)
-        inv_b = np.where(present, 1.0 / rb, 1e3)
-        coef = [
-            (cos * inv_a).astype(np.float32).ravel(),
-            (sin * inv_a).astype(np.float32).ravel(),
-            (-sin * inv_b).astype(np.float32).ravel(),
-            (cos * inv_b).astype(np.float32).ravel(),
-        ]
-        flat = (cy - cy0).astype(np.intp)[:, None] * ncx + (cx - cx0).astype(np.intp)[None, :]
-        fx = (xs - cx * c).astype(np.float32)[None, :]
-        fy = (ys - cy * c).astype(np.float32)[:, None]
-        dx = fx - ox.astype(np.float32).ravel()[flat]
-        dy = fy - oy.astype(np.float32).ravel()[flat]
-        p = dx * coef[0][flat] + dy * coef[1][flat]
-        q = dx * coef[2][flat] + dy * coef[3][flat]
-        dist = np.sqrt(p * p + q * q)
-        # Anti-aliased rim about one output pixel wide.
-        return np.clip((1.0 - dist) * np.float32(tex.radius / d) + 0.5, 0.0, 1.0)
+        return nuclei_coverage(
+            seed,
+            xs,
+            ys,
+            d,
+            cell=tex.cell,
+            density=tex.density,
+            radius=tex.radius,
+            pleomorphism=tex.pleomorphism,
+            elongation=tex.elongation,
+        )

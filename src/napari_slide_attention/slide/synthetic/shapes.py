@@ -97,7 +97,7 @@ def piece_extent(piece: Mapping[str, Any]) -> tuple[float, float, float, float]:
     cx, cy = piece["center"]
     a, b = piece["axes"]
     th = piece["angle"]
-    grow = 1.0 + piece["amplitude"]
+    grow = 1.0 + piece["amplitude"] + piece.get("ragged", {}).get("amplitude", 0.0)
     ex = grow * math.hypot(a * math.cos(th), b * math.sin(th))
     ey = grow * math.hypot(a * math.sin(th), b * math.cos(th))
     # A little slack so floating-point rounding at the rim can never clip the shape.
@@ -110,6 +110,16 @@ def piece_inside(piece: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> np
     A rotated ellipse whose rim is pushed in and out by low-frequency noise, which gives
     smooth, irregular, blob-like sections.
     """
+    return piece_depth(piece, xs, ys) > 0.0
+
+
+def piece_depth(piece: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """How far inside one piece each point of the grid ``ys x xs`` lies (> 0 inside).
+
+    In units of the piece's axes (the rim at 0, about 1 at the centre). A piece with a
+    ``ragged`` entry (``amplitude``, ``scale``, ``seed``) gets a second, finer octave of rim
+    noise: the torn edge of a cut section. ``depth > 0`` is exactly :func:`piece_inside`.
+    """
     cx, cy = piece["center"]
     a, b = piece["axes"]
     th = piece["angle"]
@@ -120,7 +130,12 @@ def piece_inside(piece: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> np
     v = (dx * (-s / b))[None, :] + (dy * (c / b))[:, None]
     rho = np.sqrt(u * u + v * v)
     noise = value_noise(piece["noise_seed"], xs, ys, piece["noise_scale"])
-    return rho < 1.0 + piece["amplitude"] * (2.0 * noise - 1.0)
+    limit = 1.0 + piece["amplitude"] * (2.0 * noise - 1.0)
+    ragged = piece.get("ragged")
+    if ragged:
+        fine = value_noise(ragged["seed"], xs, ys, ragged["scale"])
+        limit = limit + ragged["amplitude"] * (2.0 * fine - 1.0)
+    return limit - rho
 
 
 def span(coords: np.ndarray, lo: float, hi: float) -> slice:
@@ -159,3 +174,71 @@ def lesion_inside(lesion: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> 
     noise = value_noise(lesion["noise_seed"], xs, ys, max(bw, bh) / 2.5)
     limit = 1.0 - 0.3 * noise
     return rho2 < limit * limit
+
+
+def nuclei_coverage(
+    seed: int,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    downsample: float,
+    *,
+    cell: float,
+    density: float,
+    radius: float,
+    pleomorphism: float,
+    elongation: float,
+) -> np.ndarray:
+    """Nuclear coverage in [0, 1] on the grid ``ys x xs``: at most one jittered elliptical
+    nucleus per lattice cell.
+
+    Args:
+        seed: Seed of the per-cell hash.
+        xs: Level-0 x of the output pixel centres.
+        ys: Level-0 y of the output pixel centres.
+        downsample: Level-0 px per output pixel (sets the anti-aliased rim's width).
+        cell: Lattice spacing, level-0 px.
+        density: Probability that a cell holds a nucleus.
+        radius: Mean nucleus radius, level-0 px.
+        pleomorphism: Relative radius spread.
+        elongation: Maximum extra axis ratio.
+    """
+    c = cell
+    cx = np.floor(xs / c)
+    cy = np.floor(ys / c)
+    cx0, cy0 = int(cx[0]), int(cy[0])
+    ncx, ncy = int(cx[-1]) - cx0 + 1, int(cy[-1]) - cy0 + 1
+    gx = np.arange(cx0, cx0 + ncx)[None, :]
+    gy = np.arange(cy0, cy0 + ncy)[:, None]
+
+    def u(stream: int) -> np.ndarray:
+        return hash01(seed * 16 + stream, gx, gy)
+
+    r = radius * (1.0 + pleomorphism * (2.0 * u(1) - 1.0))
+    elong = 1.0 + elongation * u(2)
+    ra, rb = r * np.sqrt(elong), r / np.sqrt(elong)
+    # Keep each nucleus inside its own cell so a pixel only has to look at one cell.
+    slack = np.maximum(0.0, c / 2.0 - ra - 0.5)
+    ox = c / 2.0 + slack * (2.0 * u(3) - 1.0)
+    oy = c / 2.0 + slack * (2.0 * u(4) - 1.0)
+    phi = math.pi * u(5)
+    present = u(6) < density
+    cos, sin = np.cos(phi), np.sin(phi)
+    # Absent nuclei get a huge inverse radius, so their coverage clips to zero.
+    inv_a = np.where(present, 1.0 / ra, 1e3)
+    inv_b = np.where(present, 1.0 / rb, 1e3)
+    coef = [
+        (cos * inv_a).astype(np.float32).ravel(),
+        (sin * inv_a).astype(np.float32).ravel(),
+        (-sin * inv_b).astype(np.float32).ravel(),
+        (cos * inv_b).astype(np.float32).ravel(),
+    ]
+    flat = (cy - cy0).astype(np.intp)[:, None] * ncx + (cx - cx0).astype(np.intp)[None, :]
+    fx = (xs - cx * c).astype(np.float32)[None, :]
+    fy = (ys - cy * c).astype(np.float32)[:, None]
+    dx = fx - ox.astype(np.float32).ravel()[flat]
+    dy = fy - oy.astype(np.float32).ravel()[flat]
+    p = dx * coef[0][flat] + dy * coef[1][flat]
+    q = dx * coef[2][flat] + dy * coef[3][flat]
+    dist = np.sqrt(p * p + q * q)
+    # Anti-aliased rim about one output pixel wide.
+    return np.clip((1.0 - dist) * np.float32(radius / downsample) + 0.5, 0.0, 1.0)
