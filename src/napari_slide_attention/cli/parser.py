@@ -98,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_tissue_options(info)
     info.set_defaults(func=slides.cmd_info)
 
-    synth = sub.add_parser("synth", help="write a synthetic needle-in-a-haystack slide")
+    synth = sub.add_parser(
+        "synth", help="write a synthetic slide: H&E needle in a haystack, or HER2/MMR IHC"
+    )
     synth.add_argument("out", help="output .tif path (the truth goes to OUT.json)")
     synth.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(8192, 8192))
-    synth.add_argument("--label", default="carcinoma", help="class name or index")
+    synth.add_argument(
+        "--stain",
+        default="he",
+        help="he (needle-in-a-haystack H&E, the default), her2 (membrane IHC scored 0, 1+, "
+        "2+, 3+) or mmr (nuclear IHC, intact or loss)",
+    )
+    synth.add_argument(
+        "--label",
+        help="class name or index (default: carcinoma for he, the highest class for IHC)",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--tile-size", type=int, default=256)
     synth.add_argument("--slide-mpp", type=float, default=0.5, help="µm per pixel written")
@@ -118,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tissue_options(tissue)
     tissue.set_defaults(func=slides.cmd_tissue)
 
-    cohort = sub.add_parser("synth-cohort", help="write a cohort of synthetic slides + CSV")
+    cohort = sub.add_parser(
+        "synth-cohort", help="write a cohort of synthetic slides (H&E or IHC) + CSV"
+    )
     cohort.add_argument("out", help="output folder (cohort.csv and the slides)")
     cohort.add_argument(
         "--per-class",
@@ -129,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cohort.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(3072, 2048))
     cohort.add_argument("--seed", type=int, default=0)
-    cohort.add_argument("--lesion-size", type=int, default=100, help="lesion side, level-0 px")
+    cohort.add_argument(
+        "--stain",
+        default="he",
+        help="he (needle slides, the default), her2 or mmr (IHC slides: the classes are the "
+        "stain's, its settings fixed and recorded in OUT/synthetic-cohort.json)",
+    )
+    cohort.add_argument("--lesion-size", type=int, default=100, help="he: lesion side, level-0 px")
     cohort.add_argument("--n-pieces", type=int, help="tissue pieces per slide (default 1-3)")
     cohort.set_defaults(func=slides.cmd_synth_cohort)
 
@@ -149,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler", choices=("attention", "random"), help="dual: tile sampling (random = baseline)"
     )
     train.add_argument("--n-tiles", type=int, help="dual: tiles sampled per slide (10)")
+    train.add_argument(
+        "--tile-labels",
+        choices=("slide", "regions"),
+        help="dual: label each sampled tile with its slide's class (slide, the paper) or with "
+        "the class of the lesion boxes / --labels regions it overlaps, the lowest-risk class "
+        "when none (regions, ours, for sparse lesions; the slide takes its highest-risk tile)",
+    )
+    train.add_argument(
+        "--attention-temperature",
+        type=float,
+        metavar="T",
+        help="dual: soft attention A = softmax(logits / T); T < 1 sharpens it (1, the paper)",
+    )
+    train.add_argument(
+        "--attention-top-k",
+        type=int,
+        metavar="K",
+        help="dual: keep only A's K largest cells, renormalised (0 = all, the paper)",
+    )
     train.add_argument("--samples-per-step", type=int, help="grid: pieces per optimiser step")
     train.add_argument("--batch-size", type=int, help="sliding window: crops per step")
     train.add_argument("--n-maps", type=int, help="grid: attention maps (64)")

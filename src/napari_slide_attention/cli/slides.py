@@ -87,14 +87,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
         size=(width, height),
         label=args.label,
         seed=args.seed,
+        stain=args.stain,
         tile_size=args.tile_size,
         mpp=args.slide_mpp,
         magnification=args.magnification,
     )
-    print(
-        f"wrote {info.path} ({width} x {height} px, label {info.label}, "
-        f"{len(info.lesion_boxes)} lesion(s)); truth in {info.sidecar}"
-    )
+    if info.stain == "he":
+        found = f"label {info.label}, {len(info.lesion_boxes)} lesion(s)"
+    else:
+        from ..slide.synthetic import read_sidecar
+
+        share = read_sidecar(info.sidecar)["tumour_fraction"]
+        found = (
+            f"{info.stain} {info.label}, tumour {share:.0%} of the tissue in "
+            f"{len(info.tumour_boxes)} region(s), {len(info.artefact_boxes)} distractor(s)"
+        )
+    print(f"wrote {info.path} ({width} x {height} px, {found}); truth in {info.sidecar}")
     return 0
 
 
@@ -105,7 +113,9 @@ def cmd_synth_cohort(args: argparse.Namespace) -> int:
 
     per = {}
     for item in args.per_class:
-        split, _, n = item.partition("=")
+        split, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--per-class takes SPLIT=N (e.g. train=4), got {item!r}")
         per[split] = int(n)
     cohort = make_synthetic_cohort(
         args.out,
@@ -114,6 +124,7 @@ def cmd_synth_cohort(args: argparse.Namespace) -> int:
         seed=args.seed,
         lesion_size=args.lesion_size,
         n_pieces=args.n_pieces,
+        stain=args.stain,
     )
     print(f"{cohort.path}: {len(cohort)} slides")
     for split, counts in cohort.counts().items():

@@ -236,9 +236,7 @@ def read_cohort(
                     path, f"mpp {row['mpp']!r} is not a positive number of µm per pixel", line
                 )
         entries.append(
-            CohortEntry(
-                slide, names.index(row["label"]), split, row.get("case", ""), lesions, mpp
-            )
+            CohortEntry(slide, names.index(row["label"]), split, row.get("case", ""), lesions, mpp)
         )
     cases: dict[str, str] = {}
     for e in entries:
@@ -283,22 +281,67 @@ def make_synthetic_cohort(
     lesion_size: int = 100,
     classes: Sequence[str] | None = None,
     n_pieces: int | None = None,
+    stain: str = "he",
 ) -> Cohort:
-    """Write a cohort of synthetic needle-in-a-haystack slides and its ``cohort.csv``.
+    """Write a cohort of synthetic slides and its ``cohort.csv``.
 
     Every class gets ``slides_per_class[split]`` slides per split; slide seeds follow from
     ``seed``, so the same arguments give the same cohort. Lesion boxes come from the
-    sidecars (``lesions`` column = ``sidecar``). Existing valid slides are kept.
+    sidecars (``lesions`` column = ``sidecar``; on IHC slides the tumour regions, of the
+    slide's class). Existing slides written with the same settings are kept.
+
+    The generator's settings (stain, classes, size, seed, lesion size, pieces and, for IHC,
+    the fixed :data:`~napari_slide_attention.slide.synthetic.IHC_SETTINGS`) are written to
+    ``synthetic-cohort.json`` before the first slide, so a benchmark can show they were
+    fixed before any model ran; a folder whose record names other settings is refused
+    rather than mixed.
+
+    Args:
+        directory: The cohort folder.
+        slides_per_class: Slides per class for each split (default train 4, val 2, test 2).
+        size: Level-0 (width, height) of every slide.
+        seed: Seed of the cohort; slide ``k`` gets ``seed * 100003 + k``.
+        lesion_size: H&E: lesion side in level-0 px.
+        classes: H&E: class names, lowest to highest risk; an IHC stain's are fixed.
+        n_pieces: Tissue pieces per slide (default 1-3, from each slide's seed).
+        stain: ``"he"`` (needle slides), ``"her2"`` or ``"mmr"`` (IHC slides).
 
     Returns:
         The cohort (read back from the written CSV).
-    """
-    from ..slide.synthetic import SYNTHETIC_CLASSES, sidecar_path, write_synthetic_slide
 
+    Raises:
+        ValueError: An unknown stain, classes that do not fit it, or a folder made with
+            other settings.
+    """
+    import warnings
+
+    from ..slide.synthetic import IHC_SETTINGS, read_sidecar, stain_classes, write_synthetic_slide
+    from ..slide.synthetic.ihc import check_stain
+    from ..slide.synthetic.truth import GENERATOR
+
+    stain = check_stain(stain)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    classes = tuple(classes or SYNTHETIC_CLASSES)
+    if stain == "he":
+        classes = tuple(classes or stain_classes("he"))
+    else:
+        if classes is not None and tuple(classes) != stain_classes(stain):
+            raise ValueError(f"a {stain} cohort's classes are fixed: {list(stain_classes(stain))}")
+        classes = stain_classes(stain)
     per = slides_per_class or {"train": 4, "val": 2, "test": 2}
+    settings: dict[str, object] = {
+        "generator": GENERATOR,
+        "stain": stain,
+        "classes": list(classes),
+        "size": [int(v) for v in size],
+        "seed": int(seed),
+        "slide_seeds": "seed * 100003 + k, k = 1, 2, ... in the order of the CSV",
+        "n_pieces": n_pieces,
+    }
+    if stain == "he":
+        settings["lesion_size"] = int(lesion_size)
+    else:
+        settings["ihc_settings"] = IHC_SETTINGS
+    _record_settings(directory, settings, per)
     rows = []
     counter = 0
     for split in SPLITS:
@@ -307,20 +350,16 @@ def make_synthetic_cohort(
                 counter += 1
                 slide_seed = seed * 100003 + counter
                 path = directory / f"{split}-{k}-{name}-{i:03d}.tif"
-                if not (path.exists() and sidecar_path(path).exists()):
-                    kwargs = {} if n_pieces is None else {"n_pieces": n_pieces}
-                    import warnings
-
+                if not _is_current(path, read_sidecar, stain, name, slide_seed, size):
+                    kwargs: dict[str, object] = {} if n_pieces is None else {"n_pieces": n_pieces}
+                    if stain == "he":
+                        kwargs.update(classes=classes, lesion_size=lesion_size)
+                    else:
+                        kwargs["stain"] = stain
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)
                         write_synthetic_slide(
-                            path,
-                            size=size,
-                            label=name,
-                            seed=slide_seed,
-                            classes=classes,
-                            lesion_size=lesion_size,
-                            **kwargs,
+                            path, size=size, label=name, seed=slide_seed, **kwargs
                         )
                 rows.append((path.name, name, split, f"case-{counter:04d}"))
     csv_path = directory / "cohort.csv"
@@ -330,3 +369,46 @@ def make_synthetic_cohort(
         for name, label, split, case in rows:
             writer.writerow([name, label, split, case, "sidecar"])
     return read_cohort(csv_path, classes)
+
+
+SYNTHETIC_SETTINGS = "synthetic-cohort.json"
+"""The file in a synthetic cohort's folder that records how its slides were made."""
+
+
+def _record_settings(directory: Path, settings: dict, per: dict[str, int]) -> None:
+    """Write the generator settings, or refuse a folder whose record names others."""
+    record = directory / SYNTHETIC_SETTINGS
+    if record.exists():
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{record}: cannot read the cohort's settings ({exc})") from exc
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            raise ValueError(
+                f"{directory} holds a synthetic cohort made with other settings "
+                f"({', '.join(changed)} differ); use another folder"
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(
+        json.dumps({**settings, "slides_per_class": dict(per)}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    os.replace(tmp, record)
+
+
+def _is_current(path: Path, read_sidecar, stain: str, label: str, seed: int, size) -> bool:
+    """Whether ``path`` is a finished slide of this stain, label, seed and size."""
+    if not path.exists():
+        return False
+    try:
+        info = read_sidecar(path)
+    except (OSError, ValueError):
+        return False
+    return (
+        info.get("stain", "he") == stain
+        and info.get("label") == label
+        and info.get("seed") == seed
+        and info.get("size") == [int(v) for v in size]
+    )
