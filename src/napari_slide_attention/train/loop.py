@@ -119,7 +119,7 @@ class SettingsRecord:
         clashes = [
             f"{k}={self.model[k]!r} (the checkpoint's: {theirs[k]!r})"
             for k in theirs
-            if self.model[k] != defaults.get(k) and self.model[k] != _jsonable(theirs[k])
+            if self.model[k] != defaults.get(k) and not _agrees(self.model[k], theirs[k])
         ]
         if clashes:
             raise ValueError(
@@ -581,3 +581,15 @@ def _replace_copy(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
+
+
+def _agrees(mine: Any, theirs: Any) -> bool:
+    """Whether a model setting given for ``--init`` agrees with the checkpoint's value.
+
+    A part's settings (a dict, e.g. the dual model's ``hard``) agree when every key given
+    here has the checkpoint's value: the checkpoint also holds what training added to the
+    part (the tile normalisation's ``mean`` and ``std``), which nobody gives by hand.
+    """
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return all(k in theirs and _agrees(v, theirs[k]) for k, v in mine.items())
+    return mine == _jsonable(theirs)
