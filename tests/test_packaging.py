@@ -95,7 +95,7 @@ def test_built_wheel_carries_and_loads_the_manifest(tmp_path):
         cwd=tmp_path,
     )
     assert check.returncode == 0, check.stderr
-    assert check.stdout.split() == ["napari-slide-attention", "1", "1"]
+    assert check.stdout.split() == ["napari-slide-attention", "1", "2"]
 
 
 def _imports(path: Path) -> set[str]:
