@@ -129,3 +129,25 @@ def test_tissue_statistics_leave_out_glass():
     assert max(std) < 1e-3
     with pytest.raises(ValueError, match="no tissue"):
         tissue_statistics([glass])
+
+
+def test_a_tile_is_on_a_mask_where_its_centre_is():
+    from napari_slide_attention.slide.boxes import box_centres, on_mask
+
+    # a tumour mask at downsample 8: level-0 x in [16, 32), y in [8, 24) is tumour
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[1:3, 2:4] = True
+    boxes = np.array(
+        [
+            [12, 4, 16, 16],  # centre (20, 12): tumour, though most of the box is not
+            [0, 0, 16, 16],  # centre (8, 8): stroma, though it touches the tumour's corner
+            [24, 16, 7, 7],  # centre (27.5, 19.5): tumour
+            [40, 40, 16, 16],  # centre (48, 48): beyond the mask: not tumour
+            [-20, -20, 8, 8],  # off the slide
+        ]
+    )
+    assert box_centres(boxes)[0].tolist() == [20.0, 12.0]
+    assert on_mask(box_centres(boxes), mask, 8.0).tolist() == [True, False, True, False, False]
+    # any leading shape: a grid of cell centres
+    cells = np.stack(np.meshgrid([4.0, 20.0], [4.0, 12.0]), axis=-1)  # (2, 2, 2) x, y
+    assert on_mask(cells, mask, 8.0).tolist() == [[False, False], [False, True]]

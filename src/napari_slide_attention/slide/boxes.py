@@ -12,7 +12,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Box", "box_cells", "cell_boxes", "overlap_area", "overlapping", "overlaps"]
+__all__ = [
+    "Box",
+    "box_cells",
+    "box_centres",
+    "cell_boxes",
+    "on_mask",
+    "overlap_area",
+    "overlapping",
+    "overlaps",
+]
 
 Box = tuple[int, int, int, int]  # level-0 (x, y, w, h)
 
@@ -83,3 +92,34 @@ def cell_boxes(
     y0 = np.clip(y0, 0, max(0, height - tile_px))
     n = len(cells)
     return np.stack([x0, y0, np.full(n, tile_px), np.full(n, tile_px)], 1).astype(np.int64)
+
+
+def on_mask(points: np.ndarray, mask: np.ndarray, downsample: float) -> np.ndarray:
+    """Whether level-0 points fall on True pixels of a mask drawn at ``downsample``.
+
+    Pixel (i, j) of the mask covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d) (as the
+    synthetic slides' truth masks and the tissue masks are drawn); a point outside the
+    mask is False. Where a tile "is" on a mask (tumour, tissue) is where its centre is:
+    ``on_mask(box_centres(boxes), mask, d)``.
+
+    Args:
+        points: (..., 2) level-0 (x, y).
+        mask: (h, w) bool.
+        downsample: level-0 px per mask pixel.
+
+    Returns:
+        (...,) bool.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    cols = np.floor(points[..., 0] / downsample).astype(np.int64)
+    rows = np.floor(points[..., 1] / downsample).astype(np.int64)
+    inside = (rows >= 0) & (rows < mask.shape[0]) & (cols >= 0) & (cols < mask.shape[1])
+    out = np.zeros(points.shape[:-1], dtype=bool)
+    out[inside] = np.asarray(mask, dtype=bool)[rows[inside], cols[inside]]
+    return out
+
+
+def box_centres(boxes: np.ndarray) -> np.ndarray:
+    """(N, 2) level-0 (x, y) centres of (N, 4) level-0 boxes."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return boxes[:, :2] + boxes[:, 2:] / 2

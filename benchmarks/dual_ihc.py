@@ -1,0 +1,397 @@
+"""The dual-attention IHC benchmark: the paper's own task, on synthetic HER2 and MMR slides.
+
+Raza et al. built and judged dual attention on IHC scoring: HER2 (four membrane scores)
+and MMR (nuclear staining intact or lost), where the tumour covers a sizeable part of the
+tissue and every tumour tile shows the slide's score. This script judges our dual model
+there, with the paper's method unchanged, against the paper's two baselines.
+
+Cohorts (``COHORTS``, ``PER_CLASS``, ``FOLDS``: fixed before any model ran, never tuned;
+``synth-cohort --stain`` writes the same slides): synthetic IHC slides at 0.5 µm/px,
+tumour 13-27 % of the tissue, distractors (DAB in stroma and normal ducts, folds, pen,
+vessels, ragged edges) in every class alike.
+
+1. **HER2** (scores 0, 1+, 2+, 3+), train / val / test splits; **MMR** (intact, loss),
+   k-fold cross-validation by case (``train/crossval.py``), every method on the same folds.
+2. Per split or fold, three methods with the same budget (``--minutes`` of training each,
+   at most ``--epochs`` epochs):
+   - **dual attention**: the soft attention first (``--soft-minutes``; mode "soft", the
+     expectation over sampled tiles), then the hard-attention glimpse model on the N tiles
+     sampled where it attends (mode "hard", from the soft run's best checkpoint); every
+     sampled tile labelled with its slide's class, as in the paper;
+   - **random sampling**: the same hard-attention classifier on N tiles drawn uniformly
+     in the tissue (the paper's baseline);
+   - **sliding window**: a crop classifier trained on crops of the tumour regions (labelled
+     with the slide's class) and of the tissue outside them (the lowest class), the slide
+     score the mean of the top-15 tile probabilities per class (the paper's baseline).
+3. The stain's sampling is the paper's for that stain (``STAIN_SAMPLING``): HER2 noise
+   U[0, 1], adaptive (Otsu) thresholding of Â, N = 10 of the top 20; MMR noise U[-2, 1],
+   k-means with 3 clusters, N = 15 of the top 30. The networks are the CPU sizes of the
+   needle benchmark (``train.dual.CPU_PRESET``).
+4. On the test slides (of every fold): F1 and AUROC (HER2: macro F1 and one-vs-rest macro
+   AUROC, Table II layout, and the contest's Table I criteria when ``--her2-points FILE``
+   gives the contest's points table; MMR: Table II, mean ± std over the folds); the share
+   of sampled tiles on tumour (a tile counts when its centre lies in the true tumour mask)
+   and on artefacts (a tile overlapping a distractor's box), each against tiles drawn
+   uniformly in the same tissue cells; the soft attention's mass on tumour cells (cells
+   whose centre lies in the tumour).
+
+Targets (dual attention): sampled tiles on tumour >= 3 x the uniform rate and >= 0.8 of all
+sampled tiles; on artefacts no more often than uniform; macro F1 >= random sampling + 0.10
+and >= 0.8 on HER2; attention mass on tumour >= 0.5.
+
+Run (CPU, 2 cores: about 40 minutes with the defaults, the cohorts written once under
+``--dir``)::
+
+    .venv/bin/python benchmarks/dual_ihc.py --json data/bench/dual_ihc.json
+
+Settings for a GPU (the paper's sizes on 0.25 µm/px slides; here 0.5 µm/px slides, so
+tiles of 512 µm are 1024 px): ``--minutes 30 --soft-minutes 30 --epochs 100 --set
+tile_um=512 --set feature_px=128 --hard tile_px=1024 --hard glimpse_px=128 --hard
+glimpses=6`` and larger cohorts (``--her2-per-class train=40 val=10 test=20 --mmr-slides
+40``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dual_measures import attention_mass, cell_centres, uniform_share
+from napari_slide_attention.inference import predict
+from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.slide.boxes import box_centres, on_mask, overlapping
+from napari_slide_attention.slide.synthetic import SyntheticSlide, tumour_mask_truth
+from napari_slide_attention.train.cohort import Cohort, make_synthetic_cohort
+from napari_slide_attention.train.crossval import format_mmr_table, write_fold_cohorts
+from napari_slide_attention.train.dual import CPU_PRESET, DualTrainSettings, train_dual
+from napari_slide_attention.train.evaluate import evaluate_folds, evaluate_models, her2_scores
+from napari_slide_attention.train.her2_contest import format_her2_table, load_points_table
+from napari_slide_attention.train.metrics import format_table2
+from napari_slide_attention.train.sliding_window import (
+    SlidingWindowSettings,
+    train_sliding_window,
+)
+
+# Fixed before any model ran (documented in docs/benchmarks.md).
+COHORTS = {
+    "her2": {"stain": "her2", "size": (4096, 3072), "seed": 2027},
+    "mmr": {"stain": "mmr", "size": (4096, 3072), "seed": 2028},
+}
+PER_CLASS = {"her2": {"train": 8, "val": 2, "test": 5}, "mmr": {"train": 12}}
+FOLDS = 4  # MMR: 12 slides per class, 3 per class in each test fold
+FOLD_SEED = 0
+# The paper's sampling for each stain (Sec. III-C).
+STAIN_SAMPLING = {
+    "her2": {"refine": "threshold", "noise": [0.0, 1.0], "n_tiles": 10, "candidates": 20},
+    "mmr": {"refine": "kmeans", "noise": [-2.0, 1.0], "n_tiles": 15, "candidates": 30},
+}
+# Shared geometry: the needle benchmark's CPU sizes (128 µm tiles read at 128 px, glimpses
+# of 32 px); the sliding window's crops are the same tiles at 64 px.
+DUAL = {**CPU_PRESET, "seed": 0}
+SLIDING_WINDOW = {"crop_um": 128.0, "input_px": 64, "seed": 0}
+TOP_K = 15
+# Tissue cells a tumour-mask pixel stands for: the mask is rendered at this downsample.
+MASK_DOWNSAMPLE = 8.0
+
+TARGETS = [
+    # (name, measured key, comparison, target)
+    ("sampled tiles on tumour / uniform", "tumour_ratio", ">=", 3.0),
+    ("sampled tiles on tumour (share)", "tumour_share", ">=", 0.8),
+    ("on artefacts / uniform", "artefact_ratio", "<=", 1.0),
+    ("dual F1 - random-sampling F1", "f1_gain", ">=", 0.10),
+    ("attention mass on tumour", "attention_mass", ">=", 0.5),
+]
+
+
+class Where:
+    """Per-slide measures of where a sampler's tiles went, summed over a method's slides."""
+
+    def __init__(self, draws: int) -> None:
+        self.draws = draws
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, result, entry, index: int) -> None:
+        truth = SyntheticSlide.from_sidecar(entry.slide)
+        mask = tumour_mask_truth(truth, MASK_DOWNSAMPLE)
+        artefacts = [box for _, box in truth.artefact_boxes]
+
+        def on_tumour(boxes: np.ndarray) -> np.ndarray:
+            return on_mask(box_centres(boxes), mask, MASK_DOWNSAMPLE)
+
+        def on_artefact(boxes: np.ndarray) -> np.ndarray:
+            return overlapping(boxes, artefacts) if artefacts else np.zeros(len(boxes), bool)
+
+        boxes = np.asarray(result.arrays["tile_boxes"])
+        cell = float(result.info["soft_attention"]["cell_size"])
+        cells = cell_centres(result.arrays["soft_attention"].shape, cell)
+        mass, share = attention_mass(result, on_mask(cells, mask, MASK_DOWNSAMPLE))
+        self.rows.append(
+            {
+                "tumour": float(on_tumour(boxes).mean()),
+                "artefact": float(on_artefact(boxes).mean()),
+                "uniform_tumour": uniform_share(result, on_tumour, self.draws, index),
+                "uniform_artefact": uniform_share(result, on_artefact, self.draws, index),
+                "attention_mass": mass,
+                "tumour_cells": share,
+            }
+        )
+
+    def summary(self) -> dict[str, float]:
+        mean = {k: float(np.mean([r[k] for r in self.rows])) for k in self.rows[0]}
+        mean["tumour_ratio"] = mean["tumour"] / max(mean["uniform_tumour"], 1e-9)
+        mean["artefact_ratio"] = mean["artefact"] / max(mean["uniform_artefact"], 1e-9)
+        mean["slides"] = len(self.rows)
+        return mean
+
+
+def _progress(name: str):
+    def show(event) -> None:
+        if event.stage in ("epoch", "resume"):
+            print(f"  {name}: {event.message}", flush=True)
+
+    return show
+
+
+def _settings(stain: str, args: argparse.Namespace, **more) -> DualTrainSettings:
+    dual = json.loads(json.dumps(DUAL))
+    dual["model"].update(STAIN_SAMPLING[stain])
+    model_keys = DualTrainSettings.model_keys()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        (dual["model"] if key in model_keys else dual)[key] = json.loads(value)
+    for item in args.hard:
+        key, _, value = item.partition("=")
+        dual["model"]["hard"][key] = json.loads(value)
+    return DualTrainSettings.from_dict({"device": args.device, **dual, **more})
+
+
+def train_methods(cohort: Cohort, runs: dict[str, Path], stain: str, args) -> None:
+    """Trains the three methods on one cohort (a split, or one fold) into ``runs``."""
+    hours, soft_hours = args.minutes / 60, args.soft_minutes / 60
+    soft = _settings(stain, args, mode="soft", epochs=args.soft_epochs, max_hours=soft_hours)
+    hard = {"mode": "hard", "epochs": args.epochs, "max_hours": hours}
+    random = _settings(stain, args, sampler="random", **hard)
+    jobs = [
+        ("soft attention", runs["soft"], soft, None),
+        ("dual attention", runs["dual attention"], _settings(stain, args, **hard), runs["soft"]),
+        ("random sampling", runs["random sampling"], random, None),
+    ]
+    for name, run_dir, settings, init in jobs:
+        t = time.perf_counter()
+        init_path = None if init is None else init / "best.safetensors"
+        summary = run_to_end(train_dual(cohort, run_dir, settings, init=init_path), _progress(name))
+        print(
+            f"{name}: {summary.epochs_done} epochs in {(time.perf_counter() - t) / 60:.1f} min "
+            f"-> {summary.best}",
+            flush=True,
+        )
+    settings = SlidingWindowSettings.from_dict(
+        {"epochs": args.epochs, "max_hours": hours, "device": args.device, **SLIDING_WINDOW}
+    )
+    t = time.perf_counter()
+    summary = run_to_end(
+        train_sliding_window(cohort, runs["sliding window"], settings), _progress("sliding")
+    )
+    print(
+        f"sliding window: {summary.epochs_done} epochs in "
+        f"{(time.perf_counter() - t) / 60:.1f} min -> {summary.best}",
+        flush=True,
+    )
+
+
+def _predictor(method: str, device: str):
+    if method == "sliding window":
+        return lambda model, entry, k: predict(
+            model, entry.slide, device=device, aggregation="top-k-mean"
+        )
+    sampler = "random" if method == "random sampling" else "attention"
+    return lambda model, entry, k: predict(
+        model, entry.slide, device=device, sampler=sampler, seed=k
+    )
+
+
+def _watch(where: Where | None):
+    def on_event(event) -> None:
+        if event.stage == "slide":
+            print(f"  {event.message}", flush=True)
+            if where is not None:
+                where.add(event.data["result"], event.data["entry"], event.data["index"])
+
+    return on_event
+
+
+METHODS = ("dual attention", "random sampling", "sliding window")
+
+
+def run_her2(args) -> dict:
+    cohort = make_synthetic_cohort(
+        args.dir / "her2" / "slides", slides_per_class=args.her2_per_class, **COHORTS["her2"]
+    )
+    print(f"HER2 cohort: {len(cohort)} slides {cohort.counts()}", flush=True)
+    runs = {m: args.dir / "her2" / f"run-{m.replace(' ', '-')}" for m in ("soft", *METHODS)}
+    if not args.skip_train:
+        train_methods(cohort, runs, "her2", args)
+    table, report, wheres, contest = {}, {}, {}, {}
+    for method in METHODS:
+        where = None if method == "sliding window" else Where(args.random_draws)
+        work = evaluate_models(
+            {method: runs[method] / "best.safetensors"},
+            cohort,
+            "test",
+            device=args.device,
+            predict_slide=_predictor(method, args.device),
+        )
+        evaluation = run_to_end(work, _watch(where))
+        table[method] = evaluation.models[method].metrics
+        report[method] = {"metrics": table[method].to_dict()}
+        if where is not None:
+            wheres[method] = report[method]["where"] = where.summary()
+        if args.her2_points:
+            points = load_points_table(args.her2_points)
+            contest[method] = her2_scores(evaluation, points)[method]
+    print("\nHER2 (test slides), Table II layout:")
+    print(format_table2(table))
+    if contest:
+        print("\nHER2 contest criteria (Table I layout):")
+        print(format_her2_table(contest))
+    return {"table": report, "where": wheres, "f1": {m: t.mean.f1 for m, t in table.items()}}
+
+
+def run_mmr(args) -> dict:
+    cohort = make_synthetic_cohort(
+        args.dir / "mmr" / "slides", slides_per_class={"train": args.mmr_slides}, **COHORTS["mmr"]
+    )
+    print(f"MMR cohort: {len(cohort)} slides, {FOLDS}-fold cross-validation", flush=True)
+    roots = {m: args.dir / "mmr" / f"run-{m.replace(' ', '-')}" for m in ("soft", *METHODS)}
+    folds = {
+        m: write_fold_cohorts(cohort, root, FOLDS, seed=FOLD_SEED) for m, root in roots.items()
+    }
+    if not args.skip_train:
+        for i in range(FOLDS):
+            print(f"MMR fold {i + 1}/{FOLDS}", flush=True)
+            runs = {m: roots[m] / f"fold-{i + 1}" for m in roots}
+            train_methods(folds["dual attention"][i], runs, "mmr", args)
+    summaries, wheres, report = {}, {}, {}
+    for method in METHODS:
+        where = None if method == "sliding window" else Where(args.random_draws)
+        work = evaluate_folds(
+            [roots[method]],
+            cohort,
+            FOLDS,
+            device=args.device,
+            predict_slide=_predictor(method, args.device),
+        )
+        cross = run_to_end(work, _watch(where))
+        (summary,) = (m.summary for m in cross.models.values())
+        summaries[method] = summary
+        report[method] = {
+            "f1": {
+                "folds": list(summary.f1.values),
+                "mean": summary.f1.mean,
+                "std": summary.f1.std,
+            },
+            "auroc": {
+                "folds": list(summary.auroc.values),
+                "mean": summary.auroc.mean,
+                "std": summary.auroc.std,
+            },
+        }
+        if where is not None:
+            wheres[method] = report[method]["where"] = where.summary()
+    print(f"\nMMR ({FOLDS}-fold cross-validation), Table II layout:")
+    print(format_mmr_table(summaries))
+    return {
+        "table": report,
+        "where": wheres,
+        "f1": {m: s.f1.mean for m, s in summaries.items()},
+    }
+
+
+def checks_for(stain: str, result: dict) -> list[tuple[str, float, str, float]]:
+    where = result["where"]["dual attention"]
+    measured = {
+        **where,
+        "tumour_share": where["tumour"],
+        "f1_gain": result["f1"]["dual attention"] - result["f1"]["random sampling"],
+    }
+    checks = [(f"{stain}: {name}", measured[key], op, t) for name, key, op, t in TARGETS]
+    if stain == "her2":
+        checks.append(("her2: dual macro F1", result["f1"]["dual attention"], ">=", 0.8))
+    return checks
+
+
+def print_where(stain: str, result: dict) -> None:
+    print(f"\n{stain.upper()}: where the sampled tiles went (test slides)")
+    print(
+        f"{'method':<18}{'on tumour':>10}{'uniform':>9}{'ratio':>7}{'on artefacts':>14}"
+        f"{'uniform':>9}{'A on tumour':>13}{'tumour cells':>14}"
+    )
+    for method, w in result["where"].items():
+        print(
+            f"{method:<18}{w['tumour']:10.3f}{w['uniform_tumour']:9.3f}{w['tumour_ratio']:7.2f}"
+            f"{w['artefact']:14.3f}{w['uniform_artefact']:9.3f}{w['attention_mass']:13.3f}"
+            f"{w['tumour_cells']:14.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path("data/bench/dual_ihc"))
+    parser.add_argument("--stains", nargs="+", choices=("her2", "mmr"), default=["her2", "mmr"])
+    parser.add_argument("--minutes", type=float, default=2.0, help="budget per hard model/fold")
+    parser.add_argument("--soft-minutes", type=float, default=2.0, help="soft attention budget")
+    parser.add_argument("--epochs", type=int, default=30, help="epoch cap, hard models")
+    parser.add_argument("--soft-epochs", type=int, default=60, help="epoch cap, soft attention")
+    parser.add_argument("--her2-per-class", nargs="+", default=None, metavar="SPLIT=N")
+    parser.add_argument("--mmr-slides", type=int, default=PER_CLASS["mmr"]["train"])
+    parser.add_argument("--her2-points", type=Path, help="the contest's points table (JSON)")
+    parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --dir")
+    parser.add_argument("--random-draws", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--hard", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    per = dict(PER_CLASS["her2"])
+    for item in args.her2_per_class or ():
+        split, _, n = item.partition("=")
+        per[split] = int(n)
+    args.her2_per_class = per
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"python {platform.python_version()}, device {args.device}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    report: dict = {"cohorts": COHORTS, "per_class": PER_CLASS, "folds": FOLDS, "stains": {}}
+    checks = []
+    for stain in args.stains:
+        result = run_her2(args) if stain == "her2" else run_mmr(args)
+        report["stains"][stain] = result
+        print_where(stain, result)
+        checks += checks_for(stain, result)
+    report["minutes"] = (time.perf_counter() - start) / 60
+    print(f"\n{report['minutes']:.0f} min in all\n")
+    failed = 0
+    for name, value, op, target in checks:
+        ok = value >= target if op == ">=" else value <= target
+        failed += not ok
+        print(f"{name:<44} {value:6.3f}  (target {op} {target})  {'PASS' if ok else 'FAIL'}")
+    report["checks"] = [{"name": n, "value": v, "op": op, "target": t} for n, v, op, t in checks]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
