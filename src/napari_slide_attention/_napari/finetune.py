@@ -133,6 +133,10 @@ class FineTuneRequest:
         tissue: the tissue detection the Slide panel shows (None: the defaults); training
             and the before/after evaluation find tissue with it.
         mpp: µm per pixel for every slide of the cohort (None: the files' own).
+        tile_labels: dual attention: what the sampled tiles are labelled with, "slide"
+            (the paper) or "regions" (the cohort's lesion boxes, replaced by the label
+            store's regions: a tile relabelled in the Review panel trains the glimpse
+            model); ignored for grid attention.
         extra_args: more ``train`` options, appended last (so they win).
     """
 
@@ -146,6 +150,7 @@ class FineTuneRequest:
     device: str = "auto"
     tissue: TissueParams | None = None
     mpp: float | None = None
+    tile_labels: str = "slide"
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -160,6 +165,8 @@ class FineTuneRequest:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
         if not 1 <= self.trainable_blocks <= 5:
             raise ValueError(f"trainable blocks must be 1 to 5, got {self.trainable_blocks}")
+        if self.tile_labels not in ("slide", "regions"):
+            raise ValueError(f"tile labels are 'slide' or 'regions', got {self.tile_labels!r}")
         if self.mpp is not None and not 0 < self.mpp < math.inf:
             raise ValueError(f"the pixel size must be a positive number of µm, got {self.mpp}")
 
@@ -211,6 +218,8 @@ class FineTuneRequest:
         argv += ["--epochs", str(self.epochs), "--lr", repr(float(self.lr))]
         if model == "grid":  # the dual model's parts all train
             argv += ["--trainable-blocks", str(self.trainable_blocks)]
+        else:  # the label store's regions (with --labels) label the dual model's tiles
+            argv += ["--tile-labels", self.tile_labels]
         argv += ["--device", self.device, *self.slide_options()]
         return argv + list(self.extra_args)
 

@@ -55,7 +55,10 @@ _TRAIN_OPTIONS = (
     "mode",
     "sampler",
     "n_tiles",
+    "tile_labels",
 )
+# dual attention's sharper soft attention: options that go into the model's ``soft`` settings
+_SOFT_OPTIONS = {"attention_temperature": "temperature", "attention_top_k": "top_k"}
 
 
 def _settings(cls, args: argparse.Namespace):
@@ -65,12 +68,22 @@ def _settings(cls, args: argparse.Namespace):
 
     known = {f.name for f in fields(cls)} | set(cls.model_keys())
     values = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k, None) is not None}
+    soft = {
+        v: getattr(args, k) for k, v in _SOFT_OPTIONS.items() if getattr(args, k, None) is not None
+    }
+    if (soft or "tile_labels" in values) and "tile_labels" not in known:
+        raise ValueError(
+            "--tile-labels, --attention-temperature and --attention-top-k are settings of "
+            "train dual"
+        )
     if "crop_um" in known and "tile_um" in values:  # the crop classifier's tile edge
         values["crop_um"] = values.pop("tile_um")
     values = {k: v for k, v in values.items() if k in known}
     if getattr(args, "amp", None):
         values["amp"] = True
     values.update(_parse_sets(args.set))
+    if soft:  # into the soft attention's settings, beside any --set soft={...}
+        values["soft"] = {**(values.get("soft") or {}), **soft}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(

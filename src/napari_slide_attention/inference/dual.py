@@ -1,7 +1,9 @@
 """Dual-attention inference (Raza et al.): the soft attention over the slide's low-power
 view, the tiles its sampling picks, T glimpses per tile by the recurrent hard-attention
 model; the slide's class is the most frequent tile class and its confidence the mean tile
-probability of that class (the paper's HER2 confidence).
+probability of that class (the paper's HER2 confidence). A model whose tiles were
+labelled from regions (``slide_call`` "highest-risk", our extension) calls the slide by
+the highest-risk class predicted for any tile instead.
 
 ``select_tiles``, ``run_hard`` and ``slide_call`` are the steps, which training's
 validation uses too, so a validated model and a predicting one choose tiles alike.
@@ -27,7 +29,7 @@ from ..results import SlideResult
 from ..slide.reader import Slide
 from ..slide.sampling import SlideView, read_tiles, read_view, tile_edge_px
 from ..slide.tissue import TissueParams
-from .common import load_model_for_inference, opened, slide_facts, tiles_event
+from .common import aggregate, load_model_for_inference, opened, slide_facts, tiles_event
 
 __all__ = [
     "SAMPLERS",
@@ -133,9 +135,29 @@ def select_tiles(
     )
 
 
-def slide_call(tile_probabilities: np.ndarray, risk: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The slide's probabilities (mean over tiles) and class (most frequent tile class,
-    ties to the higher risk)."""
+AGGREGATION_NAMES = {
+    "most-frequent": "most-frequent-tile-class",
+    "highest-risk": "highest-risk-tile-class",
+}
+
+
+def slide_call(
+    tile_probabilities: np.ndarray, risk: Sequence[int], rule: str = "most-frequent"
+) -> tuple[np.ndarray, int]:
+    """The slide's probabilities and class from its tiles'.
+
+    Args:
+        tile_probabilities: (N, K) per tile.
+        risk: class indices from lowest to highest risk.
+        rule: "most-frequent" (the paper: the most frequent tile class, ties to the
+            higher risk; the probabilities are the mean over tiles) or "highest-risk"
+            (the highest-risk class predicted for any tile, with the probabilities of the
+            tile most sure of it: ``inference.common.aggregate``'s rule for pieces).
+    """
+    if rule == "highest-risk":
+        return aggregate(list(np.asarray(tile_probabilities)), "highest-risk", risk)
+    if rule != "most-frequent":
+        raise ValueError(f"unknown slide call {rule!r}; expected most-frequent or highest-risk")
     probs = np.asarray(tile_probabilities, dtype=np.float64)
     mean = probs.mean(0)
     votes = np.bincount(probs.argmax(1), minlength=probs.shape[1])
@@ -283,7 +305,9 @@ def predict_dual(
                 break
             yield tiles_event(done, n)
         timings["glimpses"] = time.perf_counter() - t0
-        probabilities, predicted = slide_call(tile_run.probabilities, config.risk)
+        probabilities, predicted = slide_call(
+            tile_run.probabilities, config.risk, config.slide_call
+        )
         centres, boxes = glimpse_geometry(chosen.boxes, tile_run.locations, hard)
         timings["total"] = time.perf_counter() - run.start
         arrays = {
@@ -304,7 +328,7 @@ def predict_dual(
             classes=config.classes,
             probabilities=probabilities,
             predicted=predicted,
-            aggregation="most-frequent-tile-class",
+            aggregation=AGGREGATION_NAMES[config.slide_call],
             pieces=[],
             timings=timings,
             model={"checkpoint": run.checkpoint, "config": config.to_dict()},

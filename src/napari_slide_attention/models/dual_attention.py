@@ -17,6 +17,12 @@ The soft attention's loss is L_SA = cross-entropy of ``head`` + β·(−entropy 
 paper's equation 3 names only the entropy term; the task term is how attention sampling
 trains its attention, section III-B). The joint loss is L_J = L_HA + α^e·L_SA.
 
+Extensions for sparse lesions (ours, PAPERS.md §2, off by default): a sharper A
+(``soft``'s ``temperature`` and ``top_k``, see ``soft_attention.sharpen``), and
+``slide_call`` "highest-risk" for a hard attention whose tiles were labelled from
+regions (``train/dual.py``'s ``tile_labels``): a tile then shows a lesion's class or the
+lowest-risk class, so the slide takes the highest-risk class any of its tiles shows.
+
 Reading slides is not done here (``models/`` never touches files): ``train/dual.py``
 reads the view and the tiles and calls ``attend``, ``soft_loss`` and ``hard``.
 """
@@ -37,10 +43,24 @@ from .sampling import expected_without_replacement
 from .soft_attention import SoftAttention, SoftAttentionConfig, SoftAttentionOutput, entropy_loss
 from .tile_network import ModelConfig
 
-__all__ = ["MODEL_KIND", "DualAttention", "DualAttentionConfig", "SoftLoss"]
+__all__ = [
+    "MODEL_KIND",
+    "SLIDE_CALLS",
+    "STAIN_SAMPLING",
+    "DualAttention",
+    "DualAttentionConfig",
+    "SoftLoss",
+]
 
 MODEL_KIND = "dual-attention"
 REFINEMENTS = ("threshold", "kmeans", "none")
+# The paper's attention sampling for each of its stains (Sec. III-C): the refinement of Â,
+# the noise range and N of the top 2N. HER2 is DualAttentionConfig's default.
+STAIN_SAMPLING: dict[str, dict[str, Any]] = {
+    "her2": {"refine": "threshold", "noise": [0.0, 1.0], "n_tiles": 10, "candidates": 20},
+    "mmr": {"refine": "kmeans", "noise": [-2.0, 1.0], "n_tiles": 15, "candidates": 30},
+}
+SLIDE_CALLS = ("most-frequent", "highest-risk")
 
 
 @dataclass
@@ -66,6 +86,10 @@ class DualAttentionConfig(ModelConfig):
         hard: ``HardAttentionConfig`` settings (glimpses, glimpse_px, scales, tile_px, ...);
             ``tile_px`` is the edge the tile is read at for the glimpses.
         joint_alpha: α of the joint loss L_J = L_HA + α^e·L_SA (e = epoch).
+        slide_call: how the tile classes make the slide's: "most-frequent" (the paper:
+            the most frequent tile class, its probabilities the mean tile probabilities)
+            or "highest-risk" (ours, for tiles labelled from regions: the highest-risk
+            class predicted for any tile, with that tile's probabilities).
     """
 
     classes: tuple[str, ...]
@@ -82,6 +106,7 @@ class DualAttentionConfig(ModelConfig):
     feature_width: int = 32
     hard: dict[str, Any] = field(default_factory=dict)
     joint_alpha: float = 0.5
+    slide_call: str = "most-frequent"
     kind: str = field(default=MODEL_KIND, init=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +138,8 @@ class DualAttentionConfig(ModelConfig):
             raise ValueError("tile_um must be positive, feature_px >= 8 and feature_width >= 1")
         if not 0 <= self.joint_alpha <= 1:
             raise ValueError(f"joint_alpha must be in [0, 1], got {self.joint_alpha}")
+        if self.slide_call not in SLIDE_CALLS:
+            raise ValueError(f"slide_call must be one of {SLIDE_CALLS}, got {self.slide_call!r}")
         # Build the parts' configs once, so bad part settings fail here, with their message.
         self.soft_config()
         self.hard_config()
@@ -188,15 +215,22 @@ class DualAttention(nn.Module):
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
     # -- the three parts -----------------------------------------------------------------
-    def attend(self, view: torch.Tensor, tissue: torch.Tensor) -> SoftAttentionOutput:
+    def attend(
+        self,
+        view: torch.Tensor,
+        tissue: torch.Tensor,
+        explore: torch.Generator | None = None,
+    ) -> SoftAttentionOutput:
         """Soft attention over a view.
 
         Args:
             view: (B, h, w, 3) uint8 views.
             tissue: (B, h, w) bool tissue masks.
+            explore: with the soft attention's ``top_k``, draw its k cells from A with
+                this generator (training) instead of taking the k largest.
         """
         image = view.permute(0, 3, 1, 2).float().div(255.0)  # (B, 3, h, w)
-        return self.soft(image, tissue)
+        return self.soft(image, tissue, explore=explore)
 
     def soft_loss(
         self,
@@ -209,6 +243,10 @@ class DualAttention(nn.Module):
         """L_SA for one view: the class scores of the expected tile features under A,
         estimated from tiles sampled from A without replacement, plus the entropy term.
 
+        With the soft attention's ``top_k``, when the samples are all of A's k cells, the
+        expectation is their exact A-weighted sum (the pooled expectation over the k
+        cells) rather than the estimate from a draw.
+
         Args:
             attention: ``attend``'s output for one view (B = 1).
             tiles: (N, 3, p, p) prepared tiles at the sampled cells, in sampling order.
@@ -218,7 +256,11 @@ class DualAttention(nn.Module):
         """
         feats = self.features(tiles)[None]  # (1, N, F)
         flat = attention.attention.flatten(1)  # (1, P)
-        expected = expected_without_replacement(flat, indices, feats)  # (1, F)
+        if self.soft.config.top_k and indices.shape[1] >= int((flat > 0).sum()):
+            weights = flat.gather(1, indices)  # (1, N): every cell of A, summing to 1
+            expected = (weights[..., None] * feats).sum(1)  # (1, F)
+        else:
+            expected = expected_without_replacement(flat, indices, feats)  # (1, F)
         logits = self.head(expected)  # (1, K)
         ce = F.cross_entropy(logits, label, weight=class_weights)
         ent = entropy_loss(
@@ -229,4 +271,3 @@ class DualAttention(nn.Module):
     def joint_weight(self, epoch: int) -> float:
         """α^e, the soft attention loss's weight in the joint loss at ``epoch``."""
         return float(self.config.joint_alpha**epoch)
-

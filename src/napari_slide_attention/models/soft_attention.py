@@ -21,6 +21,13 @@ Our decisions where the paper is silent:
   send tiles mostly over background.
 - f_a starts at zero, so an untrained model attends uniformly over the tissue (the
   random-sampling baseline's distribution) rather than to an arbitrary pattern.
+
+Sharper attention for sparse lesions (our extension, PAPERS.md §2; off by default, so the
+paper's model is unchanged): ``temperature`` T divides the logits before the softmax
+(T < 1 sharpens A), and ``top_k`` keeps only the k largest cells of A, renormalised, so
+the expectation over A the soft attention learns from is pooled over k cells and A is
+exactly 0 elsewhere (``sharpen``). Both are part of the config, so a checkpoint carries
+them and inference samples tiles from the same A the model was trained with.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "attention_entropy",
     "entropy_loss",
     "pool_tissue",
+    "sharpen",
     "tissue_softmax",
 ]
 
@@ -56,6 +64,10 @@ class SoftAttentionConfig:
             MMR); one attention cell covers ``pool`` × ``pool`` input pixels.
         min_tissue: a cell is tissue when at least this fraction of its input pixels are.
         entropy_weight: β of the entropy regulariser L_SA (1 in the paper).
+        temperature: T of the softmax, A = softmax(logits / T) over the tissue (1: the
+            paper; below 1 sharpens A). Our extension for sparse lesions.
+        top_k: keep only the k most attended tissue cells of A, renormalised (0: all
+            cells, the paper). Our extension for sparse lesions.
         mean, std: per-channel normalisation of pixels scaled to [0, 1]. The defaults
             (0.5, 0.25) are neutral values that centre [0, 1] near zero; replace them
             with cohort statistics when known.
@@ -68,6 +80,8 @@ class SoftAttentionConfig:
     pool: int = 8
     min_tissue: float = 0.5
     entropy_weight: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
 
@@ -88,6 +102,11 @@ class SoftAttentionConfig:
             raise ValueError(f"min_tissue must be in (0, 1], got {self.min_tissue}")
         if not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
             raise ValueError(f"entropy_weight must be finite and >= 0, got {self.entropy_weight}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {self.top_k}")
+        self.top_k = int(self.top_k)
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError(
                 f"mean and std need one value per input channel ({self.in_channels}), "
@@ -154,6 +173,47 @@ def tissue_softmax(logits: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:
     masked = logits.masked_fill(~tissue, float("-inf")).flatten(1)  # (B, h'·w')
     # softmax subtracts the row maximum (a finite tissue logit), so large logits are safe
     return torch.softmax(masked, dim=1).reshape(logits.shape)
+
+
+def sharpen(
+    logits: torch.Tensor,
+    tissue: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    explore: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A sharpened by a temperature and a top-k: (B, h', w'), exactly 0 off the kept cells.
+
+    A = softmax(logits / T) over the tissue cells; with ``top_k`` = k > 0 only the k most
+    attended tissue cells keep their probability, renormalised over them (a map with
+    fewer tissue cells keeps them all). Ties go to the first cell in row-major order.
+    With T = 1 and k = 0 this is ``tissue_softmax`` (the paper's A), bit for bit.
+
+    Args:
+        logits: (B, h', w') scores.
+        tissue: (B, h', w') bool; every map needs at least one tissue cell.
+        temperature: T > 0.
+        top_k: cells kept (0: all).
+        explore: with ``top_k``, draw the k cells from A without replacement (Gumbel-top-k,
+            noise from this CPU generator) instead of taking the k largest, so that cells
+            outside the current top k are tried too (training).
+    """
+    if temperature == 1.0 and not top_k:
+        return tissue_softmax(logits, tissue)
+    scaled = logits / temperature
+    if not top_k:
+        return tissue_softmax(scaled, tissue)
+    keys = scaled.flatten(1)  # (B, P)
+    if explore is not None:
+        draws = torch.empty(keys.shape, dtype=torch.float32).exponential_(generator=explore)
+        keys = keys - torch.log(draws.clamp_min(torch.finfo(draws.dtype).tiny)).to(keys)
+    flat_tissue = tissue.flatten(1)
+    keys = keys.masked_fill(~flat_tissue, float("-inf"))
+    order = torch.sort(keys.detach(), dim=1, descending=True, stable=True).indices  # (B, P)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    kept = (rank < top_k) & flat_tissue  # (B, P): the k best tissue cells of each map
+    return tissue_softmax(scaled, kept.reshape(tissue.shape))
 
 
 def attention_entropy(attention: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:
@@ -241,12 +301,20 @@ class SoftAttention(nn.Module):
         pool = self.config.pool
         return math.ceil(height / pool), math.ceil(width / pool)
 
-    def forward(self, image: torch.Tensor, tissue: torch.Tensor) -> SoftAttentionOutput:
+    def forward(
+        self,
+        image: torch.Tensor,
+        tissue: torch.Tensor,
+        *,
+        explore: torch.Generator | None = None,
+    ) -> SoftAttentionOutput:
         """Attention maps of a batch of low-resolution views.
 
         Args:
             image: (B, C, h, w) pixels as floats in [0, 1] (uint8 is scaled by 1/255).
             tissue: (B, h, w) bool tissue mask at the same resolution.
+            explore: with ``top_k``, draw the kept cells from A with this generator
+                instead of taking the k largest (see ``sharpen``); ignored without it.
 
         Returns:
             The attention A, the raw logits and the pooled tissue mask, each (B, h', w')
@@ -272,7 +340,8 @@ class SoftAttention(nn.Module):
         x = self.pool(self.features(x))  # (B, c, h', w')
         logits = self.score(x)[:, 0]  # (B, h', w')
         cells = pool_tissue(tissue.bool(), self.config.pool, self.config.min_tissue)
-        attention = tissue_softmax(logits, cells)  # (B, h', w')
+        c = self.config
+        attention = sharpen(logits, cells, c.temperature, c.top_k, explore)  # (B, h', w')
         return SoftAttentionOutput(attention=attention, logits=logits, tissue=cells)
 
     def entropy_loss(self, output: SoftAttentionOutput) -> torch.Tensor:

@@ -16,8 +16,10 @@ for each slide
 3. hard attention (``mode`` "joint" or "hard"): N tiles chosen by the paper's sampling
    (noise inside the refined mask, top-2N, distinct N; ``sampler="random"`` draws them
    uniformly in tissue instead: the random-sampling baseline), read at the hard model's
-   ``tile_px``, rotated/flipped at random, each labelled with its slide's class; T glimpses
-   per tile -> L_HA.
+   ``tile_px``, rotated/flipped at random, each labelled with its slide's class (the
+   paper) or, with ``tile_labels="regions"`` (our extension for sparse lesions), with the
+   class of the region it overlaps, the lowest-risk class when it touches none
+   (``train/tile_labels.py``); T glimpses per tile -> L_HA.
 
 The step's loss is L_J = L_HA + α^e·L_SA ("joint"), L_SA ("soft") or L_HA ("hard"). Adam
 with one learning rate per part (the paper: 1e-4 for the soft attention, 1e-3 for the
@@ -25,7 +27,9 @@ hard attention) and a step schedule (StepLR: ×``lr_gamma`` every ``lr_step`` ep
 
 A slide's call: the most frequent tile class (ties go to the higher-risk class); its
 probabilities are the mean tile probabilities, so the confidence is the mean tile
-probability of that class (the paper's HER2 confidence).
+probability of that class (the paper's HER2 confidence). Tiles labelled from regions make
+the model call a slide by the highest-risk class of any tile instead (``slide_call``
+"highest-risk" in the model's config, set by ``tile_labels="regions"``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from ..models.device import resolve_device
 from ..models.dual_attention import DualAttention, DualAttentionConfig
 from ..models.hard_attention import hard_attention_loss
 from ..models.sampling import sample_without_replacement
-from ..slide.boxes import cell_boxes
+from ..slide.boxes import Box, cell_boxes
 from ..slide.reader import Slide, open_slide
 from ..slide.sampling import SlideView, read_tiles, read_view, tile_edge_px, tissue_statistics
 from ..slide.tissue import TissueParams, tissue_mask
@@ -60,6 +64,7 @@ from .loop import (
     run_epochs,
 )
 from .metrics import Metrics, evaluate
+from .tile_labels import TILE_LABELS, check_regions, region_tile_labels
 
 __all__ = [
     "DualTrainSettings",
@@ -111,6 +116,12 @@ class DualTrainSettings(SettingsRecord):
             attention only, on tiles chosen by the soft attention as it is).
         sampler: "attention" (the paper's sampling) or "random" (tiles uniformly in
             tissue: the random-sampling baseline).
+        tile_labels: what a sampled tile is labelled with for the hard attention: "slide"
+            (its slide's class, the paper) or "regions" (ours, for sparse lesions: the
+            highest-risk class of the region boxes it overlaps, the lowest-risk class
+            when it touches none; the regions are the cohort's lesion boxes, replaced by
+            a label store's regions with ``train --labels``). "regions" sets the model's
+            ``slide_call`` to "highest-risk".
         slides_per_step: slides per optimiser step (the paper: four, of four classes).
         soft_samples: cells drawn from A per slide for the soft attention's loss (None: N).
         model: the model's settings (``DualAttentionConfig``'s view_downsample, soft,
@@ -128,6 +139,8 @@ class DualTrainSettings(SettingsRecord):
     """
 
     model_type: ClassVar[type] = DualAttentionConfig
+    # the slide call follows the tiles' labels of the latest training, not the base's
+    fine_tunable: ClassVar[tuple[str, ...]] = ("slide_call",)
 
     epochs: int = 100
     lr: float = 1e-3
@@ -137,6 +150,7 @@ class DualTrainSettings(SettingsRecord):
     weight_decay: float = 0.0
     mode: str = "joint"
     sampler: str = "attention"
+    tile_labels: str = "slide"
     slides_per_step: int = 4
     soft_samples: int | None = None
     augment: bool = True
@@ -163,6 +177,12 @@ class DualTrainSettings(SettingsRecord):
             raise ValueError(
                 "the random-sampling baseline trains the hard attention only (mode 'hard')"
             )
+        if self.tile_labels not in TILE_LABELS:
+            raise ValueError(f"tile_labels must be one of {TILE_LABELS}, got {self.tile_labels!r}")
+        if self.tile_labels == "regions":
+            # region-labelled tiles show a lesion's class or the lowest-risk one: the slide
+            # takes the highest-risk class of its tiles, not the most frequent
+            self.model["slide_call"] = "highest-risk"
         if self.class_weights not in ("balanced", "none"):
             raise ValueError("class_weights must be 'balanced' or 'none'")
         if self.weights:
@@ -194,6 +214,7 @@ class _SlideData:
     size: tuple[int, int]
     tile_px: int
     mpp: float | None = None  # the cohort's override of the slide's pixel size
+    regions: list[tuple[Box, int]] | None = None  # the cohort's lesion boxes (or None)
 
 
 def _prepare(
@@ -212,12 +233,21 @@ def _prepare(
                 "prepare", n + 1, len(entries), f"{entry.slide.name}: no tissue, skipped"
             )
             continue
-        out.append(_SlideData(str(entry.slide), entry.label, view, size, tile_px, entry.mpp))
+        regions = None if entry.lesions is None else list(entry.lesions)
+        out.append(
+            _SlideData(str(entry.slide), entry.label, view, size, tile_px, entry.mpp, regions)
+        )
+        found = ""
+        if settings.tile_labels == "regions" and split == "train":
+            found = f", {len(regions or ())} region(s)"
+            if regions:
+                names = sorted({cohort.classes[c] for _, c in regions})
+                found += f" ({', '.join(names)})"
         yield Progress(
             "prepare",
             n + 1,
             len(entries),
-            f"{split}: {entry.slide.name}: view {view.shape[1]}x{view.shape[0]} px",
+            f"{split}: {entry.slide.name}: view {view.shape[1]}x{view.shape[0]} px{found}",
         )
     return out
 
@@ -269,7 +299,7 @@ def evaluate_dual(
             tiles = read_tiles(slide, chosen.boxes, model.hard.config.tile_px)
         generator = torch.Generator(device="cpu").manual_seed(seed * 7919 + k)
         run = run_to_end(run_hard(model, tiles, device, generator))
-        p, _ = slide_call(run.probabilities, model.config.risk)
+        p, _ = slide_call(run.probabilities, model.config.risk, model.config.slide_call)
         truth.append(item.label)
         probs.append(p)
     probabilities = np.stack(probs).astype(np.float64)
@@ -323,6 +353,8 @@ def train_dual(
     val = yield from _prepare(cohort, "val", settings, tissue)
     if not train:
         raise ValueError("the cohort's training split has no slide with tissue")
+    if settings.tile_labels == "regions":
+        check_regions([(s.slide, s.label, s.regions) for s in train], classes, config.risk[0])
     present = sorted({s.label for s in train})
     if len(present) < 2:
         raise ValueError(f"the training slides hold only class(es) {[classes[c] for c in present]}")
@@ -346,23 +378,24 @@ def train_dual(
     yield from run.restore(model, optimizer, settings.epochs)
     hard_px = model.hard.config.tile_px
     n_soft = settings.soft_samples or config.n_tiles
+    risk = config.risk
 
-    def soft_part(
-        item: _SlideData, slide: Slide, rng: np.random.Generator, augment: bool = settings.augment
-    ):
+    def soft_part(item: _SlideData, slide: Slide, rng: np.random.Generator, training: bool = True):
+        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
         out = model.attend(
             torch.from_numpy(item.view.image)[None].to(device),
             torch.from_numpy(item.view.tissue)[None].to(device),
+            # top-k: training draws the k cells from A, so cells outside its top k are tried
+            explore=gen if training and model.soft.config.top_k else None,
         )
-        n_cells = int(out.tissue.sum())
         flat = out.attention.flatten(1)  # (1, P)
-        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+        n_cells = int((flat > 0).sum())  # the tissue cells, or A's k with top-k
         idx = sample_without_replacement(flat.detach().cpu(), min(n_soft, n_cells), generator=gen)
         width = out.attention.shape[-1]
         cells = np.stack([idx[0].numpy() // width, idx[0].numpy() % width], 1)
         boxes = cell_boxes(cells, config.cell_px, item.tile_px, item.size)
         tiles = read_tiles(slide, boxes, config.feature_px)
-        if augment:
+        if training and settings.augment:
             tiles = _augment(tiles, rng)
         x = model.prepare(torch.from_numpy(tiles), config.feature_px).to(device)
         label = torch.tensor([item.label], device=device)
@@ -375,6 +408,7 @@ def train_dual(
         steps = _mixed_steps([s.label for s in train], settings.slides_per_step, rng)
         alpha = model.joint_weight(epoch)
         losses, soft_losses, hard_losses, correct, seen = [], [], [], 0, 0
+        tile_classes = np.zeros(len(classes), dtype=np.int64)
         for k, step in enumerate(steps):
             optimizer.zero_grad(set_to_none=True)
             soft_total = torch.zeros((), device=device)
@@ -399,7 +433,11 @@ def train_dual(
                         if settings.augment:
                             tiles = _augment(tiles, rng)
                         hard_tiles.append(tiles)
-                        hard_labels += [item.label] * len(tiles)
+                        if settings.tile_labels == "regions":
+                            labels = region_tile_labels(chosen.boxes, item.regions or (), risk)
+                            hard_labels += labels.tolist()
+                        else:
+                            hard_labels += [item.label] * len(tiles)
             total = torch.zeros((), device=device)
             if settings.mode in ("joint", "soft"):
                 total = total + (alpha if settings.mode == "joint" else 1.0) * soft_total
@@ -407,6 +445,7 @@ def train_dual(
             if hard_tiles:
                 x = torch.from_numpy(np.concatenate(hard_tiles)).to(device)  # uint8
                 labels = torch.tensor(hard_labels, device=device)
+                tile_classes += np.bincount(hard_labels, minlength=len(classes))
                 episode = model.hard(x, sample=True)
                 hard = hard_attention_loss(episode, labels, model.hard.config)
                 total = total + hard.total
@@ -429,6 +468,8 @@ def train_dual(
         if hard_losses:
             row["hard_loss"] = float(np.mean(hard_losses))
             row["train_tile_accuracy"] = correct / max(seen, 1)
+            # how many training tiles carried each class (from regions: the lesions hit)
+            row["train_tile_labels"] = dict(zip(classes, tile_classes.tolist(), strict=True))
         if settings.mode == "joint":
             row["joint_weight"] = alpha  # α^e on L_SA this epoch
         return row
@@ -442,7 +483,7 @@ def train_dual(
         with torch.no_grad():
             for item in val:
                 with open_slide(item.slide, mpp=item.mpp) as slide:
-                    loss, _ = soft_part(item, slide, rng, augment=False)
+                    loss, _ = soft_part(item, slide, rng, training=False)
                 truth.append(item.label)
                 probs.append(torch.softmax(loss.logits[0].float(), -1).cpu().numpy())
         return evaluate(truth, probabilities=np.stack(probs).astype(np.float64), classes=classes)

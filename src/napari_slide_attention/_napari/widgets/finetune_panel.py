@@ -53,6 +53,13 @@ BLOCKS_TIP = (
     "4 = every residual stage; 5 = the whole trunk, stem included.\nMore blocks: more "
     "memory and time per step, and more to overfit on a small cohort."
 )
+TILE_LABELS_TIP = (
+    "Dual attention: what each sampled tile is labelled with for the glimpse model.\n"
+    "slide: its slide's class (the paper).\nregions: the class of the regions it overlaps "
+    "(the cohort's lesion boxes, replaced by the label store's regions on the slides that "
+    "have some: tiles relabelled in the Review panel count), the lowest-risk class when it "
+    "touches none; the slide then takes its highest-risk tile's class."
+)
 EXTRA_TIP = (
     "More options of `slide-attention train`, added last, e.g.\n"
     "--chunk-tiles 32 --set lr_decay=1 --set select=f1 --amp\n"
@@ -166,6 +173,11 @@ class FineTunePanel(QWidget):
         self.blocks.setValue(1)
         self.blocks.setToolTip(BLOCKS_TIP)
         form.addRow("trainable blocks", self.blocks)
+        self.tile_labels = QComboBox()
+        self.tile_labels.addItem("slide (the paper)", "slide")
+        self.tile_labels.addItem("regions (lesion boxes, label store)", "regions")
+        self.tile_labels.setToolTip(TILE_LABELS_TIP)
+        form.addRow("tile labels (dual)", self.tile_labels)
         self.device = QComboBox()
         self.device.addItems(["auto", "cuda", "cpu"])
         self.device.setToolTip("auto: the GPU when there is one")
@@ -322,6 +334,7 @@ class FineTunePanel(QWidget):
             trainable_blocks=self.blocks.value(),
             device=self.device.currentText(),
             tissue=self.session.tissue,  # the Slide panel's: training finds the same tissue
+            tile_labels=self.tile_labels.currentData(),
             extra_args=tuple(shlex.split(self.extra.text())),
         )
 
