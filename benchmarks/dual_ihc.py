@@ -12,10 +12,10 @@ vessels, ragged edges) in every class alike.
 
 1. **HER2** (scores 0, 1+, 2+, 3+), train / val / test splits; **MMR** (intact, loss),
    k-fold cross-validation by case (``train/crossval.py``), every method on the same folds.
-2. Per split or fold, three methods with the same budget (``--minutes`` of training each,
-   at most ``--epochs`` epochs):
-   - **dual attention**: the soft attention first (``--soft-minutes``; mode "soft", the
-     expectation over sampled tiles), then the hard-attention glimpse model on the N tiles
+2. Per split or fold, three methods with the same budget (``BUDGET``: minutes of training
+   each, at most ``--epochs`` epochs):
+   - **dual attention**: the soft attention first (mode "soft", the expectation over
+     sampled tiles; its own budget), then the hard-attention glimpse model on the N tiles
      sampled where it attends (mode "hard", from the soft run's best checkpoint); every
      sampled tile labelled with its slide's class, as in the paper;
    - **random sampling**: the same hard-attention classifier on N tiles drawn uniformly
@@ -45,7 +45,7 @@ Run (CPU, 2 cores: about 40 minutes with the defaults, the cohorts written once 
     .venv/bin/python benchmarks/dual_ihc.py --json data/bench/dual_ihc.json
 
 Settings for a GPU (the paper's sizes on 0.25 µm/px slides; here 0.5 µm/px slides, so
-tiles of 512 µm are 1024 px): ``--minutes 30 --soft-minutes 30 --epochs 100 --set
+tiles of 512 µm are 1024 px): ``--minutes 30 10 --soft-minutes 30 10 --epochs 100 --set
 tile_um=512 --set feature_px=128 --hard tile_px=1024 --hard glimpse_px=128 --hard
 glimpses=6`` and larger cohorts (``--her2-per-class train=40 val=10 test=20 --mmr-slides
 40``).
@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dual_measures import attention_mass, cell_centres, uniform_share
 from napari_slide_attention.inference import predict
 from napari_slide_attention.jobs import run_to_end
+from napari_slide_attention.models.dual_attention import STAIN_SAMPLING
 from napari_slide_attention.slide.boxes import box_centres, on_mask, overlapping
 from napari_slide_attention.slide.synthetic import SyntheticSlide, tumour_mask_truth
 from napari_slide_attention.train.cohort import Cohort, make_synthetic_cohort
@@ -87,12 +88,10 @@ COHORTS = {
 }
 PER_CLASS = {"her2": {"train": 8, "val": 2, "test": 5}, "mmr": {"train": 12}}
 FOLDS = 4  # MMR: 12 slides per class, 3 per class in each test fold
+# Training budgets in minutes of wall clock, (soft attention, each other method), the same
+# for every method; MMR's are per fold (a fold trains on half as many slides as HER2).
+BUDGET = {"her2": (3.0, 2.0), "mmr": (1.5, 1.0)}
 FOLD_SEED = 0
-# The paper's sampling for each stain (Sec. III-C).
-STAIN_SAMPLING = {
-    "her2": {"refine": "threshold", "noise": [0.0, 1.0], "n_tiles": 10, "candidates": 20},
-    "mmr": {"refine": "kmeans", "noise": [-2.0, 1.0], "n_tiles": 15, "candidates": 30},
-}
 # Shared geometry: the needle benchmark's CPU sizes (128 µm tiles read at 128 px, glimpses
 # of 32 px); the sliding window's crops are the same tiles at 64 px.
 DUAL = {**CPU_PRESET, "seed": 0}
@@ -175,7 +174,8 @@ def _settings(stain: str, args: argparse.Namespace, **more) -> DualTrainSettings
 
 def train_methods(cohort: Cohort, runs: dict[str, Path], stain: str, args) -> None:
     """Trains the three methods on one cohort (a split, or one fold) into ``runs``."""
-    hours, soft_hours = args.minutes / 60, args.soft_minutes / 60
+    soft_minutes, minutes = args.budget[stain]
+    hours, soft_hours = minutes / 60, soft_minutes / 60
     soft = _settings(stain, args, mode="soft", epochs=args.soft_epochs, max_hours=soft_hours)
     hard = {"mode": "hard", "epochs": args.epochs, "max_hours": hours}
     random = _settings(stain, args, sampler="random", **hard)
@@ -346,8 +346,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=Path("data/bench/dual_ihc"))
     parser.add_argument("--stains", nargs="+", choices=("her2", "mmr"), default=["her2", "mmr"])
-    parser.add_argument("--minutes", type=float, default=2.0, help="budget per hard model/fold")
-    parser.add_argument("--soft-minutes", type=float, default=2.0, help="soft attention budget")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        nargs=2,
+        metavar=("HER2", "MMR"),
+        default=[BUDGET["her2"][1], BUDGET["mmr"][1]],
+        help="training minutes per method (per fold for MMR): hard attention, sliding window",
+    )
+    parser.add_argument(
+        "--soft-minutes",
+        type=float,
+        nargs=2,
+        metavar=("HER2", "MMR"),
+        default=[BUDGET["her2"][0], BUDGET["mmr"][0]],
+        help="training minutes of the soft attention (per fold for MMR)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="epoch cap, hard models")
     parser.add_argument("--soft-epochs", type=int, default=60, help="epoch cap, soft attention")
     parser.add_argument("--her2-per-class", nargs="+", default=None, metavar="SPLIT=N")
@@ -365,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         split, _, n = item.partition("=")
         per[split] = int(n)
     args.her2_per_class = per
+    args.budget = {
+        "her2": (args.soft_minutes[0], args.minutes[0]),
+        "mmr": (args.soft_minutes[1], args.minutes[1]),
+    }
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"python {platform.python_version()}, device {args.device}",
