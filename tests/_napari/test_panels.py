@@ -74,6 +74,23 @@ def test_slide_panel_lists_a_cohort_and_opens_its_slides(make_napari_viewer, qtb
     assert len([layer for layer in viewer.layers if layer.multiscale]) == 1
 
 
+def test_the_next_slide_shows_its_own_tissue_pieces_over_it(make_napari_viewer, qtbot, tiny_cohort):
+    viewer = make_napari_viewer()
+    panel = dock(viewer, "Slide")
+    panel.open_cohort(tiny_cohort.path)
+    panel._open_item(panel.cohort_list.item(0))
+    session = session_for(viewer)
+    qtbot.waitUntil(lambda: session.layer("tissue pieces") is not None, timeout=30_000)
+    first = session.layer("tissue pieces")
+    session.step_slide(+1)
+    # the first slide's pieces went with it; the second slide's come over the new slide
+    assert first not in viewer.layers
+    qtbot.waitUntil(lambda: session.layer("tissue pieces") is not None, timeout=30_000)
+    names = [layer.name for layer in viewer.layers]
+    assert names.count("tissue pieces") == 1
+    assert names.index("tissue pieces") > names.index(session.layer("slide").name)
+
+
 def test_model_panel_runs_a_checkpoint_and_the_attention_lands_on_the_lesion(
     make_napari_viewer, qtbot, tiny_cohort, tiny_grid_model
 ):

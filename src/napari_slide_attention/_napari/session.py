@@ -205,7 +205,7 @@ class Session:
 
     def _forget_slide(self) -> None:
         channels = [role for role in self._layers if role.startswith("slide channel")]
-        self.remove_layers("slide", *channels, "tissue", "regions", *RESULT_ROLES)
+        self.remove_layers("slide", *channels, "tissue", "tissue pieces", "regions", *RESULT_ROLES)
         if self.slide is not None:
             self.slide.close()
         self.result = None
