@@ -79,6 +79,13 @@ def _settings(cls, args: argparse.Namespace):
     if "crop_um" in known and "tile_um" in values:  # the crop classifier's tile edge
         values["crop_um"] = values.pop("tile_um")
     values = {k: v for k, v in values.items() if k in known}
+    stain = getattr(args, "stain", None)
+    if stain is not None:
+        if "refine" not in known:
+            raise ValueError("--stain sets dual attention's tile sampling: a setting of train dual")
+        from ..models.dual_attention import STAIN_SAMPLING
+
+        values = {**STAIN_SAMPLING[stain], **values}
     if getattr(args, "amp", None):
         values["amp"] = True
     values.update(_parse_sets(args.set))

@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--n-tiles", type=int, help="dual: tiles sampled per slide (10)")
     train.add_argument(
+        "--stain",
+        choices=("her2", "mmr"),
+        help="dual: the paper's tile sampling for this stain (HER2: noise [0, 1], adaptive "
+        "threshold, N 10 of 20; MMR: noise [-2, 1], k-means, N 15 of 30); options and --set "
+        "given beside it win",
+    )
+    train.add_argument(
         "--tile-labels",
         choices=("slide", "regions"),
         help="dual: label each sampled tile with its slide's class (slide, the paper) or with "
