@@ -31,10 +31,11 @@ attention, ``--epochs`` for a hard attention):
 Targets with the extensions: sampled tiles hit lesion boxes >= 5 x as often as uniform
 tiles in tissue; dual F1 >= random-sampling F1 + 0.10.
 
-Run (CPU; see docs/benchmarks.md for the time it took; the needle benchmark's slides and
-its sliding-window run are reused when present)::
+Run (CPU, about 22 minutes on a shared 2-core machine: docs/benchmarks.md; the needle
+benchmark's slides and its sliding-window run are reused when present)::
 
-    .venv/bin/python benchmarks/dual_needle.py --json data/bench/dual_needle.json
+    .venv/bin/python benchmarks/dual_needle.py --soft-epochs 50 \
+        --json data/bench/dual_needle-ext.json
 
 Settings for a GPU: the paper's sizes, ``--set tile_um=512 --hard glimpse_px=128
 --hard tile_px=2048 --hard glimpses=6 --set n_tiles=10 --set feature_px=128`` on 40x
@@ -278,10 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=2, help="soft attentions trained at once, one process each"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1: on a shared 2-core machine two OpenMP threads "
+        "made the hard attention's small convolutions 30 x slower)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
 
     per = dict(PER_CLASS)
     for item in args.per_class or ():
@@ -339,10 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         t = time.perf_counter()
         if args.jobs > 1:
-            threads = max(1, torch.get_num_threads() // args.jobs)
             context = multiprocessing.get_context("spawn")
             with context.Pool(
-                args.jobs, initializer=torch.set_num_threads, initargs=(threads,)
+                args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)
             ) as pool:
                 pool.starmap(_train_soft, jobs)
         else:
