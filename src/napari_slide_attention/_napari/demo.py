@@ -1,13 +1,16 @@
-"""The main job: a sample slide in napari with its tissue, truth and two models' views.
+"""The main job: two sample slides in napari with their tissue, truth and models' views.
 
 Two small models are trained once on a few synthetic slides (cached under the output
-folder; a few minutes on a laptop CPU) and run on the sample slide:
+folder; a few minutes on a laptop CPU), each on the task of its paper, and run from the
+Model panel:
 
-- grid attention: its attention maps over the slide, ordered by their weight in the
-  predicted class;
-- dual attention: the soft attention over the low-power view, the tiles sampled where
-  it attends (coloured by tile class, numbered by rank) and the hard attention's
-  glimpse paths inside each tile.
+- grid attention (Tomita et al.), trained on H&E needle slides, on the H&E sample: its
+  attention maps over the slide, ordered by their weight in the predicted class;
+- dual attention (Raza et al.), trained on HER2 IHC slides, on the HER2 sample: the soft
+  attention over the low-power view, the tiles sampled where it attends (coloured by
+  tile class, numbered by rank) and the hard attention's glimpse paths inside each
+  tile; the Tour panel visits the sampled tiles. The report says how many of them lie
+  on the tumour (the slide's truth) against tiles drawn uniformly in the tissue.
 
 With ``headless=True`` the same steps write screenshots and a short Markdown report
 instead of leaving a window open.
@@ -22,17 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..slide.boxes import overlapping
+from ..slide.boxes import box_centres, on_mask
 from ..slide.reader import open_slide
-from ..slide.synthetic import read_sidecar, write_synthetic_slide
+from ..slide.synthetic import read_sidecar, sample_slide, tumour_mask_truth, write_synthetic_slide
 from ..slide.tissue import tile_grid, tissue_mask, tissue_pieces
-from .layers import (
-    boxes_to_rectangles,
-    glimpse_layer_data,
-    sampled_tiles_layer_data,
-    slide_scale,
-    soft_attention_layer_data,
-)
+from .layers import boxes_to_rectangles, slide_scale
 
 # The demo model: small enough to train in a few minutes on 2 CPU cores.
 DEMO_TRAINING = {
@@ -42,9 +39,15 @@ DEMO_TRAINING = {
     "model": {"tile_um": 64.0, "input_px": 64, "n_maps": 16},
 }
 DEMO_COHORT = {"slides_per_class": {"train": 3, "val": 1}, "size": (3072, 2048), "n_pieces": 1}
-# The demo's dual-attention model: the dual needle benchmark's small CPU sizes
-# (``train.dual.CPU_PRESET``), trained jointly (L_HA + α^e·L_SA) on the same slides.
+# The demo's dual-attention model: the dual benchmarks' small CPU sizes
+# (``train.dual.CPU_PRESET``) with the paper's HER2 sampling, trained jointly
+# (L_HA + α^e·L_SA) on a few synthetic HER2 slides, the task the paper judged it on.
 DEMO_DUAL = {"epochs": 12, "mode": "joint"}
+DEMO_IHC_COHORT = {
+    "slides_per_class": {"train": 3, "val": 1},
+    "size": (3072, 2048),
+    "stain": "her2",
+}
 
 
 def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
@@ -56,12 +59,11 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
     from ..jobs import run_to_end
     from ..train.cohort import make_synthetic_cohort
 
-    run = out / ("model" if kind == "grid" else f"model-{kind}")
+    run = out / ("model" if kind == "grid" else f"model-{kind}-her2")
     best = run / "best.safetensors"
     done = run / "done"
     if best.exists() and done.exists():
         return best
-    cohort = make_synthetic_cohort(out / "cohort", seed=1, **DEMO_COHORT)
 
     def show(event) -> None:
         if event.stage in ("epoch", "calibrate", "resume"):
@@ -70,11 +72,16 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
     if kind == "grid":
         from ..train.grid import GridTrainSettings, train_grid
 
+        cohort = make_synthetic_cohort(out / "cohort", seed=1, **DEMO_COHORT)
         training = train_grid(cohort, run, GridTrainSettings.from_dict(DEMO_TRAINING))
     elif kind == "dual":
+        from ..models.dual_attention import STAIN_SAMPLING
         from ..train.dual import CPU_PRESET, DualTrainSettings, train_dual
 
-        settings = DualTrainSettings.from_dict({**CPU_PRESET, **DEMO_DUAL})
+        cohort = make_synthetic_cohort(out / "cohort-her2", seed=1, **DEMO_IHC_COHORT)
+        preset = json.loads(json.dumps(CPU_PRESET))
+        preset["model"].update(STAIN_SAMPLING["her2"])
+        settings = DualTrainSettings.from_dict({**preset, **DEMO_DUAL})
         training = train_dual(cohort, run, settings)  # resumes an interrupted run
     else:
         raise ValueError(f"kind must be 'grid' or 'dual', got {kind!r}")
@@ -83,12 +90,11 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
     return best
 
 
-def _lesion_hits(boxes, lesions) -> int:
-    """How many level-0 boxes overlap at least one lesion box of the sidecar."""
-    return int(overlapping(boxes, [lesion["box"] for lesion in lesions]).sum())
-
-
 PLUGIN = "napari-slide-attention"
+# Screenshots of the canvas: (rows, columns) px.
+SHOT = (768, 1024)
+# The tumour truth is drawn at this downsample (level-0 px per pixel) over the HER2 sample.
+TRUTH_DOWNSAMPLE = 8.0
 PANELS = ("Slide", "Model", "Review", "Fine-tune", "Tour")
 
 
@@ -103,6 +109,16 @@ def _wait(condition, timeout: float, what: str) -> None:
             raise TimeoutError(f"demo: {what} did not finish within {timeout:.0f} s")
         QApplication.processEvents()
         time.sleep(0.02)
+
+
+def _fit_slide(session, size: tuple[int, int]) -> None:
+    """Centre the camera on the slide and zoom so that it fills a screenshot of ``size``
+    (rows, columns) px, with a small margin (napari's reset_view leaves room for the
+    window's canvas shape, not the screenshot's)."""
+    width, height = session.slide.dimensions
+    sy, sx = session.scale
+    session.camera.center = (height * sy / 2, width * sx / 2)
+    session.camera.zoom = 0.95 * min(size[0] / (height * sy), size[1] / (width * sx))
 
 
 def review_cohort(out: Path, sample: Path, label: str) -> Path:
@@ -121,8 +137,8 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     Review panel accepts the label, the Tour panel takes the first stop. Headless:
     screenshots of the canvas and of each panel, and a report."""
     import napari
+    from napari.utils.colormaps import DirectLabelColormap
 
-    from ..jobs import run_to_end
     from .session import session_for
 
     out = Path(out)
@@ -149,15 +165,13 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     checkpoint = demo_model(out)
     timings["train demo model (s, cached after the first run)"] = time.perf_counter() - start
 
-    from ..inference import predict
-
     start = time.perf_counter()
     dual_checkpoint = demo_model(out, kind="dual")
     timings["train dual demo model (s, cached after the first run)"] = time.perf_counter() - start
     start = time.perf_counter()
-    dual = run_to_end(predict(dual_checkpoint, slide))
-    dual.save(out / "result-dual")
-    timings["predict dual (s)"] = time.perf_counter() - start
+    ihc_path = sample_slide(out, stain="her2")
+    ihc_truth = read_sidecar(ihc_path)
+    timings["write HER2 sample slide (s)"] = time.perf_counter() - start
     cohort_csv = review_cohort(out, path, truth["label"])
 
     # Shown even headless (on Xvfb): a hidden vispy canvas renders nothing into screenshots.
@@ -182,17 +196,8 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         features={"class": [lesion["class"] for lesion in truth["lesions"]]},
     )
 
-    # The dual model's view, beside the session's grid result (the Model panel shows one
-    # model at a time; the demo shows both).
-    soft_data, soft_kwargs, _ = soft_attention_layer_data(dual, scale, units)
-    viewer.add_image(soft_data, **{**soft_kwargs, "visible": False})
-    tile_rects, tile_kwargs, _ = sampled_tiles_layer_data(dual, scale, units)
-    viewer.add_shapes(tile_rects, **tile_kwargs)
-    for data, kwargs, kind in glimpse_layer_data(dual, scale, units):
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
-
     model_panel = panels["Model"]
-    model_panel.set_checkpoint(dual_checkpoint)
+    model_panel.set_checkpoint(dual_checkpoint)  # offered in the list, run on the HER2 slide
     model_panel.set_checkpoint(checkpoint)  # the grid model, run below
     start = time.perf_counter()
     model_panel.run()
@@ -221,48 +226,113 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
     (overlays.scale_bar if overlays is not None else viewer.scale_bar).visible = True
     viewer.reset_view()
 
-    if not headless:
-        napari.run()
-        return 0
-
-    shots = []
+    shots: list[Path] = []
     start = time.perf_counter()
-    for name, panel in panels.items():
-        shot = out / f"panel-{name.lower().replace('-', '')}.png"
-        panel.grab().save(str(shot))
-        shots.append(shot)
-    window = out / "window.png"
-    viewer.screenshot(str(window), canvas_only=False)
-    shots.append(window)
-    overview = out / "overview.png"
-    viewer.screenshot(str(overview), canvas_only=True, size=(768, 1024))
-    shots.append(overview)
-    if truth["lesions"]:
-        x, y, w, h = truth["lesions"][0]["box"]
-        session.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
-        session.camera.zoom = 1.0 / (4 * w * scale[1] / 1024)  # lesion spans ~1/4 of the view
-        zoomed = out / "lesion.png"
-        viewer.screenshot(str(zoomed), canvas_only=True, size=(768, 1024))
-        shots.append(zoomed)
-    # The dual model's view: soft attention instead of the grid maps, then its top tile.
-    session.layer("attention").visible = False
-    viewer.layers[soft_kwargs["name"]].visible = True
-    viewer.reset_view()
-    sampled = out / "dual-overview.png"
-    viewer.screenshot(str(sampled), canvas_only=True, size=(768, 1024))
-    shots.append(sampled)
-    tile_boxes = dual.arrays["tile_boxes"]
-    if len(tile_boxes):
-        x, y, w, h = tile_boxes[int(np.argmin(dual.arrays["tile_rank"]))]
-        viewer.layers[soft_kwargs["name"]].visible = False
-        session.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
-        session.camera.zoom = 1.0 / (1.5 * w * scale[1] / 1024)  # the tile fills 2/3 of the view
-        glimpses = out / "dual-glimpses.png"
-        viewer.screenshot(str(glimpses), canvas_only=True, size=(768, 1024))
-        shots.append(glimpses)
+    if headless:
+        for name, panel in panels.items():
+            shot = out / f"panel-{name.lower().replace('-', '')}.png"
+            panel.grab().save(str(shot))
+            shots.append(shot)
+        window = out / "window.png"
+        viewer.screenshot(str(window), canvas_only=False)
+        shots.append(window)
+        overview = out / "overview.png"
+        _fit_slide(session, SHOT)
+        viewer.screenshot(str(overview), canvas_only=True, size=SHOT)
+        shots.append(overview)
+        if truth["lesions"]:
+            x, y, w, h = truth["lesions"][0]["box"]
+            session.camera.center = ((y + h / 2) * scale[0], (x + w / 2) * scale[1])
+            session.camera.zoom = 1.0 / (4 * w * scale[1] / 1024)  # lesion ~1/4 of the view
+            zoomed = out / "lesion.png"
+            viewer.screenshot(str(zoomed), canvas_only=True, size=SHOT)
+            shots.append(zoomed)
     timings["screenshots (s)"] = time.perf_counter() - start
     layers = [(layer.name, type(layer).__name__) for layer in viewer.layers]
     stored = session.labels.slide_label(path)
+
+    # The dual model on the task of its paper: the HER2 sample, from the Model panel.
+    viewer.layers.remove("lesions (truth)")
+    viewer.open(str(ihc_path), plugin=PLUGIN)
+    _wait(
+        lambda: (
+            session.slide is not None
+            and Path(session.slide.path) == ihc_path
+            and session.layer("tissue") is not None
+        ),
+        120,
+        "the HER2 slide's tissue preview",
+    )
+    ihc_scale, _ = slide_scale(session.slide)
+    tumour = tumour_mask_truth(ihc_truth, TRUTH_DOWNSAMPLE)
+    viewer.add_labels(
+        tumour.astype(np.uint8),
+        name="tumour (truth)",
+        scale=(ihc_scale[0] * TRUTH_DOWNSAMPLE, ihc_scale[1] * TRUTH_DOWNSAMPLE),
+        translate=(
+            (TRUTH_DOWNSAMPLE - 1) / 2 * ihc_scale[0],
+            (TRUTH_DOWNSAMPLE - 1) / 2 * ihc_scale[1],
+        ),
+        units=units,
+        opacity=0.9,
+        blending="translucent_no_depth",
+    )
+    viewer.layers["tumour (truth)"].contour = 2
+    viewer.layers["tumour (truth)"].colormap = DirectLabelColormap(
+        color_dict={None: "transparent", 0: "transparent", 1: "lime"}
+    )
+    start = time.perf_counter()
+    model_panel.set_checkpoint(dual_checkpoint)
+    model_panel.run()
+    _wait(lambda: model_panel.worker is None, 600, "the dual model's run")
+    dual = session.result
+    if dual is None or dual.model_kind != "dual-attention":
+        raise RuntimeError(f"demo: the dual model's run failed: {model_panel.status.text()}")
+    dual.save(out / "result-dual")
+    timings["predict dual on the HER2 sample from the Model panel (s)"] = (
+        time.perf_counter() - start
+    )
+    tile_boxes = np.asarray(dual.arrays["tile_boxes"])
+    on_tumour = on_mask(box_centres(tile_boxes), tumour, TRUTH_DOWNSAMPLE)
+    tissue_cells = np.asarray(dual.arrays["soft_tissue"], dtype=bool)
+    cell = float(dual.info["soft_attention"]["cell_size"])
+    ys, xs = np.nonzero(tissue_cells)
+    uniform = (
+        float(
+            on_mask(
+                np.stack([(xs + 0.5) * cell, (ys + 0.5) * cell], 1), tumour, TRUTH_DOWNSAMPLE
+            ).mean()
+        )
+        if len(xs)
+        else 0.0
+    )
+    viewer.reset_view()
+    tour.next()  # the Tour panel now holds the sampled tiles: the first, whole
+    if headless:
+        start = time.perf_counter()
+        soft = session.layer("soft attention")
+        if soft is not None:
+            soft.visible = True
+        _fit_slide(session, SHOT)
+        sampled = out / "dual-overview.png"
+        viewer.screenshot(str(sampled), canvas_only=True, size=SHOT)
+        shots.append(sampled)
+        if soft is not None:
+            soft.visible = False
+        if len(tile_boxes):
+            tour.go(0)
+            glimpses = out / "dual-glimpses.png"
+            viewer.screenshot(str(glimpses), canvas_only=True, size=SHOT)
+            shots.append(glimpses)
+        for name in ("Model", "Tour"):
+            shot = out / f"panel-{name.lower()}-dual.png"
+            panels[name].grab().save(str(shot))
+            shots.append(shot)
+        timings["screenshots (s)"] += time.perf_counter() - start
+    dual_layers = [(layer.name, type(layer).__name__) for layer in viewer.layers]
+    if not headless:
+        napari.run()
+        return 0
     session.labels.close()  # checkpoints the WAL into the store file
     viewer.close()
 
@@ -288,16 +358,21 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         + f"; {result.info['tiles']} tiles on {result.info['device']}",
         f"- attention maps: {attention_kwargs['name']}, strongest maps first "
         f"(original numbers {attention_kwargs['metadata']['map_order'][:5]} ...)",
-        f"- demo dual model (dual attention, {DEMO_DUAL['epochs']} epochs joint on the same "
-        f"slides, slide labels only): `{dual_checkpoint}`",
-        f"- dual prediction: **{dual.predicted_class}** ({dual.confidence:.0%}), the most "
-        f"frequent class of {len(tile_boxes)} sampled tiles "
+        f"- HER2 sample: `{ihc_path}`, truth score **{ihc_truth['label']}**, tumour "
+        f"{ihc_truth['tumour_fraction']:.0%} of the tissue",
+        f"- demo dual model (dual attention, {DEMO_DUAL['epochs']} epochs joint on "
+        f"{4 * DEMO_IHC_COHORT['slides_per_class']['train']} synthetic HER2 slides, slide "
+        f"labels only, the paper's HER2 sampling): `{dual_checkpoint}`",
+        f"- dual prediction on the HER2 sample: **{dual.predicted_class}** "
+        f"({dual.confidence:.0%}), the most frequent class of {len(tile_boxes)} sampled tiles "
         f"({', '.join(dual.classes[c] for c in dual.arrays['tile_classes'])}); "
-        f"{_lesion_hits(tile_boxes, truth['lesions'])} of them touch a lesion; "
-        f"{dual.arrays['glimpse_centres'].shape[1]} glimpses per tile",
+        f"**{int(on_tumour.sum())} of {len(tile_boxes)} sampled tiles lie on the tumour** "
+        f"(centre inside the true tumour), where tiles drawn uniformly in the tissue would "
+        f"be {uniform:.0%}; {dual.arrays['glimpse_centres'].shape[1]} glimpses per tile",
         f"- panels: {', '.join(PANELS)}; the Review panel stored the slide label "
         f"**{stored.label}** ({stored.status} by {stored.author}) in `{session.labels.path}`",
-        f"- layers: {', '.join(f'{n} ({t})' for n, t in layers)}",
+        f"- layers (H&E): {', '.join(f'{n} ({t})' for n, t in layers)}",
+        f"- layers (HER2): {', '.join(f'{n} ({t})' for n, t in dual_layers)}",
         f"- screenshots: {', '.join(f'`{s.name}`' for s in shots)}",
         f"- machine: {platform.platform()}, Python {platform.python_version()}, "
         f"napari {napari.__version__}",
@@ -314,6 +389,7 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
                 "slide": facts,
                 "truth": truth,
                 "layers": layers,
+                "her2_layers": dual_layers,
                 "timings": timings,
                 "prediction": {
                     "class": result.predicted_class,
@@ -327,8 +403,11 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
                     "probabilities": dict(
                         zip(dual.classes, map(float, dual.probabilities), strict=True)
                     ),
+                    "slide": str(ihc_path),
+                    "truth": ihc_truth["label"],
                     "tile_boxes": tile_boxes.tolist(),
-                    "tiles_touching_lesions": _lesion_hits(tile_boxes, truth["lesions"]),
+                    "tiles_on_tumour": int(on_tumour.sum()),
+                    "uniform_share_on_tumour": uniform,
                     "checkpoint": str(dual_checkpoint),
                 },
             },
