@@ -13,6 +13,7 @@ from napari_slide_attention.jobs import run_to_end
 from napari_slide_attention.models.checkpoint import read_checkpoint, save_checkpoint
 from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
 from napari_slide_attention.train.cohort import make_synthetic_cohort, write_cohort
+from tiny_models import TINY_HARD
 
 PLUGIN = "napari-slide-attention"
 CLASSES = ("normal", "low-grade", "high-grade", "carcinoma")
@@ -49,16 +50,7 @@ def base_checkpoint(tmp_path_factory):
         tile_um=128.0,
         feature_px=32,
         feature_width=8,
-        hard={
-            "glimpses": 2,
-            "glimpse_px": 16,
-            "tile_px": 64,
-            "context_px": 32,
-            "feature": 16,
-            "hidden": [16, 8],
-            "glimpse_channels": [8],
-            "context_channels": [8],
-        },
+        hard=dict(TINY_HARD),
     )
     model = DualAttention(config)
     path = tmp_path_factory.mktemp("base") / "best.safetensors"

@@ -19,22 +19,14 @@ from napari_slide_attention.models.soft_attention import (
     sharpen,
     tissue_softmax,
 )
+from tiny_models import TINY_HARD
 
 SMALL = {
     "n_tiles": 4,
     "tile_um": 64.0,
     "feature_px": 32,
     "feature_width": 8,
-    "hard": {
-        "glimpses": 2,
-        "glimpse_px": 16,
-        "tile_px": 64,
-        "context_px": 32,
-        "feature": 16,
-        "hidden": [16, 8],
-        "glimpse_channels": [8],
-        "context_channels": [8],
-    },
+    "hard": dict(TINY_HARD),
 }
 
 

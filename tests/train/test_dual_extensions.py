@@ -18,6 +18,7 @@ from napari_slide_attention.models.checkpoint import read_checkpoint
 from napari_slide_attention.train.dual import DualTrainSettings, train_dual
 from napari_slide_attention.train.labels import apply_labels
 from napari_slide_attention.train.tile_labels import region_tile_labels
+from tiny_models import TINY_HARD
 
 SMALL = {
     "n_tiles": 4,
@@ -25,16 +26,7 @@ SMALL = {
     "feature_px": 32,
     "feature_width": 8,
     "soft": {"pool": 4},
-    "hard": {
-        "glimpses": 2,
-        "glimpse_px": 16,
-        "tile_px": 64,
-        "context_px": 32,
-        "feature": 16,
-        "hidden": [16, 8],
-        "glimpse_channels": [8],
-        "context_channels": [8],
-    },
+    "hard": dict(TINY_HARD),
     "normalise_tiles": 4,
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 from .ihc_distractors import fold_light, pen_light, vessel_light
 from .ihc_shapes import blob_depth, blob_extent, voronoi
 from .ihc_stains import DAB, GREY, H, lerp, transmitted
-from .rendering import Renderer
+from .rendering import Renderer, grow_bounds
 from .shapes import centres, hash01, nuclei_coverage, piece_depth, span, value_noise
 
 # Levels with a downsample up to this draw cells; coarser ones mix mean colours.
@@ -338,16 +338,7 @@ class IhcRenderer(Renderer):
     def _track_tumour(
         self, i: int, inside: np.ndarray, x0: int, y0: int, rows: int, cols: int
     ) -> None:
-        inside = inside[: max(0, rows - y0), : max(0, cols - x0)]
-        cols_any = np.flatnonzero(inside.any(axis=0))
-        rows_any = np.flatnonzero(inside.any(axis=1))
-        if cols_any.size == 0:
-            return
-        b = self.stats["tumour_bounds"][i]
-        b[0] = min(b[0], x0 + int(cols_any[0]))
-        b[1] = min(b[1], y0 + int(rows_any[0]))
-        b[2] = max(b[2], x0 + int(cols_any[-1]))
-        b[3] = max(b[3], y0 + int(rows_any[-1]))
+        grow_bounds(self.stats["tumour_bounds"][i], inside, x0, y0, rows, cols)
 
     def _tumour_detail(
         self,

@@ -182,16 +182,7 @@ class Renderer:
         return np.where(tissue[:, :, None], out.astype(np.uint8), background)
 
     def _track_piece(self, i: int, sub: np.ndarray, x0: int, y0: int, rows: int, cols: int) -> None:
-        sub = sub[: max(0, rows - y0), : max(0, cols - x0)]
-        cols_any = np.flatnonzero(sub.any(axis=0))
-        rows_any = np.flatnonzero(sub.any(axis=1))
-        if cols_any.size == 0:
-            return
-        b = self.stats["piece_bounds"][i]
-        b[0] = min(b[0], x0 + int(cols_any[0]))
-        b[1] = min(b[1], y0 + int(rows_any[0]))
-        b[2] = max(b[2], x0 + int(cols_any[-1]))
-        b[3] = max(b[3], y0 + int(rows_any[-1]))
+        grow_bounds(self.stats["piece_bounds"][i], sub, x0, y0, rows, cols)
 
     def _darkness(self, k: int, xs: np.ndarray, ys: np.ndarray, d: float) -> np.ndarray:
         """``255 - rgb`` (float32) of class ``k``'s texture at level-0 positions ``ys x xs``."""
@@ -231,3 +222,20 @@ class Renderer:
             pleomorphism=tex.pleomorphism,
             elongation=tex.elongation,
         )
+
+
+def grow_bounds(
+    bounds: list[int], inside: np.ndarray, x0: int, y0: int, rows: int, cols: int
+) -> None:
+    """Grow ``bounds`` ([x_min, y_min, x_max, y_max], level pixels) to take in the True
+    pixels of ``inside``, a window whose top-left pixel is (x0, y0), cut to the level's
+    ``rows`` × ``cols`` (the part of a tile past the level's edge does not count)."""
+    inside = inside[: max(0, rows - y0), : max(0, cols - x0)]
+    cols_any = np.flatnonzero(inside.any(axis=0))
+    rows_any = np.flatnonzero(inside.any(axis=1))
+    if cols_any.size == 0:
+        return
+    bounds[0] = min(bounds[0], x0 + int(cols_any[0]))
+    bounds[1] = min(bounds[1], y0 + int(rows_any[0]))
+    bounds[2] = max(bounds[2], x0 + int(cols_any[-1]))
+    bounds[3] = max(bounds[3], y0 + int(rows_any[-1]))
