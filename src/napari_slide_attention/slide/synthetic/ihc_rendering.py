@@ -21,7 +21,7 @@ from .ihc_distractors import fold_light, pen_light, vessel_light
 from .ihc_shapes import blob_depth, blob_extent, voronoi
 from .ihc_stains import DAB, GREY, H, lerp, transmitted
 from .rendering import Renderer, grow_bounds
-from .shapes import centres, hash01, nuclei_coverage, piece_depth, span, value_noise
+from .shapes import centres, hash01, nuclei_coverage, piece_depth, value_noise
 
 # Levels with a downsample up to this draw cells; coarser ones mix mean colours.
 _DETAIL_MAX_DOWNSAMPLE = 8.0
@@ -104,10 +104,7 @@ class IhcRenderer(Renderer):
         tissue = np.zeros((ts, ts), dtype=bool)
         depth = np.full((ts, ts), -np.inf, dtype=np.float32)
         piece_id = np.full((ts, ts), -1, dtype=np.int8)
-        for i, (piece, ext) in enumerate(zip(self.pieces, self.piece_extents, strict=True)):
-            sx, sy = span(xs, ext[0], ext[2]), span(ys, ext[1], ext[3])
-            if sx.start >= sx.stop or sy.start >= sy.stop:
-                continue
+        for i, piece, sx, sy in self._pieces_on(xs, ys):
             sub_depth = piece_depth(piece, xs[sx], ys[sy])
             sub = sub_depth > 0.0
             if not sub.any():

@@ -127,6 +127,14 @@ class Renderer:
         h = hash01(self.seed ^ 0x6A1, np.array([x0 + 7919 * level]), np.array([y0]))
         return int(h[0] * self.background.shape[0])
 
+    def _pieces_on(self, xs: np.ndarray, ys: np.ndarray):
+        """Yields ``(index, piece, column slice, row slice)`` of each tissue piece whose
+        extent meets the tile whose pixel centres are ``xs`` × ``ys`` (level-0 px)."""
+        for i, (piece, ext) in enumerate(zip(self.pieces, self.piece_extents, strict=True)):
+            sx, sy = span(xs, ext[0], ext[2]), span(ys, ext[1], ext[3])
+            if sx.start < sx.stop and sy.start < sy.stop:
+                yield i, piece, sx, sy
+
     def _tile(self, level: int, x0: int, y0: int, rows: int, cols: int) -> np.ndarray:
         ts = self.ts
         d = float(2**level)
@@ -136,10 +144,7 @@ class Renderer:
 
         tissue = np.zeros((ts, ts), dtype=bool)
         piece_id = None
-        for i, (piece, ext) in enumerate(zip(self.pieces, self.piece_extents, strict=True)):
-            sx, sy = span(xs, ext[0], ext[2]), span(ys, ext[1], ext[3])
-            if sx.start >= sx.stop or sy.start >= sy.stop:
-                continue
+        for i, piece, sx, sy in self._pieces_on(xs, ys):
             sub = piece_inside(piece, xs[sx], ys[sy])
             if not sub.any():
                 continue
