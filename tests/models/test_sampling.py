@@ -234,6 +234,27 @@ def test_a_small_mask_is_filled_from_the_rest_of_the_tissue_and_said_so():
     assert strict.from_mask.all() and len(strict) < 5 and "only" in strict.note
 
 
+def test_the_rest_of_the_tissue_fills_in_attention_order_whatever_the_noise():
+    """Outside m the paper puts no noise: the fill follows the attention, so a slide
+    whose attention lies on a tumour wider than m keeps its tiles on that tumour."""
+    tissue = np.zeros((12, 16), dtype=bool)
+    tissue[1:11, 1:15] = True
+    attention = np.where(tissue, 1.0, 0.0)
+    attention[2:6, 2:10] = 4.0  # the tumour: 4 x 8 cells of attention above the rest
+    attention[3, 5] = 40.0  # one peak, so Otsu's mask is that one cell
+    attention /= attention.sum()
+    picks = [
+        sample_tiles(attention, tissue, 5, cell_size=256, distance=1.5, rng=seed)
+        for seed in range(4)
+    ]
+    for tiles in picks:
+        assert tiles.from_mask[0] and not tiles.from_mask[1:].any()
+        filled = tiles.normalised[1:]
+        assert np.all(np.diff(filled) <= 0)  # highest attention first
+        assert np.all((tiles.cells[:, 0] >= 2) & (tiles.cells[:, 0] < 6))  # on the tumour
+        assert np.all((tiles.cells[:, 1] >= 2) & (tiles.cells[:, 1] < 10))
+
+
 def test_a_fallback_mask_is_reported():
     tissue = np.ones((6, 6), dtype=bool)
     tiles = sample_tiles(

@@ -137,6 +137,29 @@ def test_predict_gives_tiles_glimpses_and_a_call(dual_run, tiny_cohort, tmp_path
     assert loaded.info["soft_attention"]["cell_size"] == result.info["soft_attention"]["cell_size"]
 
 
+def test_predict_classifies_tiles_as_the_trained_hard_attention_does(dual_run, tiny_cohort):
+    """Inference hands the hard attention the tiles as training does (uint8; it
+    normalises its own glimpses), so a slide's tiles get the classes training taught."""
+    _, summary, _, _ = dual_run
+    model, _ = load_model(summary.best)
+    model.set_normalisation([0.8, 0.7, 0.8], [0.1, 0.15, 0.1])  # far from neutral
+    entry = tiny_cohort.split("test")[0]
+    result = run_to_end(predict_dual(model, entry.slide, seed=5))
+    boxes = result.arrays["tile_boxes"]
+    with open_slide(entry.slide) as slide:
+        tiles = read_tiles(slide, boxes, model.hard.config.tile_px)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        own = [
+            torch.softmax(
+                model.hard(torch.from_numpy(t[None]), sample=False, generator=generator).logits, -1
+            )
+            for t in tiles
+        ]
+    expected = torch.cat(own)[:, -1].numpy()
+    np.testing.assert_allclose(result.arrays["tile_probabilities"], expected, atol=1e-5)
+
+
 def test_random_sampler_baseline_trains_hard_attention_only(tiny_cohort, tmp_path):
     settings = DualTrainSettings.from_dict(
         {"epochs": 1, "mode": "hard", "sampler": "random", **SMALL}

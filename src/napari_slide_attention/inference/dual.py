@@ -199,13 +199,13 @@ def run_hard(
     Returns:
         The glimpses and class probabilities of every tile.
     """
-    px = model.hard.config.tile_px
     autocast = Autocast(device, amp)
     probs, steps, locs = [], [], []
     for i in range(0, len(tiles), chunk):
         # grad mode is thread state: keep no_grad off while suspended at a yield
         with torch.no_grad(), autocast():
-            x = model.prepare(torch.from_numpy(tiles[i : i + chunk]), px).to(device)
+            # uint8 tiles as in training: the hard attention normalises its own glimpses
+            x = torch.from_numpy(tiles[i : i + chunk]).to(device)
             episode = model.hard(x, sample=False, generator=generator)
             p = torch.softmax(episode.logits.float(), -1)  # (B, T, K)
         probs.append(p[:, -1].cpu().numpy())

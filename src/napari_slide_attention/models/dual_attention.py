@@ -240,33 +240,58 @@ class DualAttention(nn.Module):
         label: torch.Tensor,
         class_weights: torch.Tensor | None = None,
     ) -> SoftLoss:
-        """L_SA for one view: the class scores of the expected tile features under A,
-        estimated from tiles sampled from A without replacement, plus the entropy term.
+        """L_SA for one view (``soft_losses`` for one slide)."""
+        return self.soft_losses([attention], [tiles], [indices], label, class_weights)[0]
+
+    def soft_losses(
+        self,
+        attentions: Sequence[SoftAttentionOutput],
+        tiles: Sequence[torch.Tensor],
+        indices: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        class_weights: torch.Tensor | None = None,
+    ) -> list[SoftLoss]:
+        """L_SA for each of several views: the class scores of the expected tile features
+        under A, estimated from tiles sampled from A without replacement, plus the entropy
+        term.
+
+        The tiles of all the views go through the feature network as one batch, so in
+        training its batch normalisation takes its statistics over the slides of a step
+        (mixed classes), not over one slide's tiles: statistics of one slide would
+        subtract that slide's mean, its staining level included, which is the very signal
+        that tells a HER2 3+ slide from a 0 (our decision, docs/models.md).
 
         With the soft attention's ``top_k``, when the samples are all of A's k cells, the
         expectation is their exact A-weighted sum (the pooled expectation over the k
         cells) rather than the estimate from a draw.
 
         Args:
-            attention: ``attend``'s output for one view (B = 1).
-            tiles: (N, 3, p, p) prepared tiles at the sampled cells, in sampling order.
-            indices: (1, N) flat cell indices of the samples, in sampling order.
-            label: (1,) class index.
+            attentions: ``attend``'s output for each view (B = 1 each).
+            tiles: per view, (N_i, 3, p, p) prepared tiles at its sampled cells, in
+                sampling order.
+            indices: per view, (1, N_i) flat cell indices of the samples, in sampling order.
+            labels: (V,) class index of each view.
             class_weights: cross-entropy class weights, or None.
         """
-        feats = self.features(tiles)[None]  # (1, N, F)
-        flat = attention.attention.flatten(1)  # (1, P)
-        if self.soft.config.top_k and indices.shape[1] >= int((flat > 0).sum()):
-            weights = flat.gather(1, indices)  # (1, N): every cell of A, summing to 1
-            expected = (weights[..., None] * feats).sum(1)  # (1, F)
-        else:
-            expected = expected_without_replacement(flat, indices, feats)  # (1, F)
-        logits = self.head(expected)  # (1, K)
-        ce = F.cross_entropy(logits, label, weight=class_weights)
-        ent = entropy_loss(
-            attention.attention, attention.tissue, self.soft.config.entropy_weight
-        ).mean()
-        return SoftLoss(ce + ent, ce, ent, logits)
+        sizes = [int(t.shape[0]) for t in tiles]
+        all_feats = self.features(torch.cat(list(tiles)))  # (sum N_i, F)
+        losses = []
+        for attention, feats, index, label in zip(
+            attentions, all_feats.split(sizes), indices, labels, strict=True
+        ):
+            flat = attention.attention.flatten(1)  # (1, P)
+            if self.soft.config.top_k and index.shape[1] >= int((flat > 0).sum()):
+                weights = flat.gather(1, index)  # (1, N): every cell of A, summing to 1
+                expected = (weights[..., None] * feats[None]).sum(1)  # (1, F)
+            else:
+                expected = expected_without_replacement(flat, index, feats[None])  # (1, F)
+            logits = self.head(expected)  # (1, K)
+            ce = F.cross_entropy(logits, label[None], weight=class_weights)
+            ent = entropy_loss(
+                attention.attention, attention.tissue, self.soft.config.entropy_weight
+            ).mean()
+            losses.append(SoftLoss(ce + ent, ce, ent, logits))
+        return losses
 
     def joint_weight(self, epoch: int) -> float:
         """α^e, the soft attention loss's weight in the joint loss at ``epoch``."""

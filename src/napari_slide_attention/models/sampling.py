@@ -207,7 +207,8 @@ class SampledTiles:
         boxes: (N, 4) int64 level-0 boxes (x, y, w, h).
         attention: (N,) the attention probability A at each cell.
         normalised: (N,) Â at each cell.
-        score: (N,) F at each cell (the ranking score; the Gumbel key for random tiles).
+        score: (N,) F at each cell of m, Â at a cell of the rest of the tissue (the
+            ranking score; the Gumbel key for random tiles).
         rank: (N,) int64, order of choice (0 = chosen first).
         from_mask: (N,) bool, False for cells taken from the tissue outside the refined
             mask after the mask ran out.
@@ -372,8 +373,11 @@ def sample_tiles(
        result is the same, and when it does not we continue down the ranking (the
        paper is silent) and ``note`` says so.
     5. If m runs out (``fill_from_tissue``), the walk continues over the rest of the
-       tissue ranked by n + Â (``from_mask`` is False for these); if the tissue runs out
-       too, fewer than N tiles come back and ``note`` says so.
+       tissue ranked by Â, highest first (``from_mask`` is False for these): the paper
+       keeps its noise inside m ("to focus the noise only on the relevant areas"), so
+       outside m the attention alone orders the cells (the noise only breaks exact
+       ties); if the tissue runs out too, fewer than N tiles come back and ``note`` says
+       so.
     6. Each cell becomes a ``tile_size`` level-0 box centred on it (``cells_to_boxes``).
 
     Args:
@@ -417,15 +421,16 @@ def sample_tiles(
     draw = _rng(rng).uniform(low, high, size=attention.shape)  # every cell: seed-stable
     score = mask * draw + mask * normalised  # F
 
-    # Ranking: cells of m by F, then (optionally) the rest of the tissue by n + Â.
+    # Ranking: cells of m by F, then (optionally) the rest of the tissue by Â, the
+    # noise breaking its ties only.
     flat_mask = np.flatnonzero(mask)
     order = flat_mask[np.argsort(-score.ravel()[flat_mask], kind="stable")]
     n_mask = len(order)
     if fill_from_tissue:
         rest = np.flatnonzero(tissue & ~mask)
-        rest_score = (draw + normalised).ravel()[rest]
-        order = np.concatenate([order, rest[np.argsort(-rest_score, kind="stable")]])
-        score = np.where(mask, score, np.where(tissue, draw + normalised, 0.0))
+        by_attention = np.lexsort((-draw.ravel()[rest], -normalised.ravel()[rest]))
+        order = np.concatenate([order, rest[by_attention]])
+        score = np.where(mask, score, np.where(tissue, normalised, 0.0))
 
     kept, depth = _walk(order, attention.shape, n, distance)
     flat = order[kept]

@@ -380,7 +380,8 @@ def train_dual(
     n_soft = settings.soft_samples or config.n_tiles
     risk = config.risk
 
-    def soft_part(item: _SlideData, slide: Slide, rng: np.random.Generator, training: bool = True):
+    def soft_draw(item: _SlideData, slide: Slide, rng: np.random.Generator, training: bool = True):
+        """A's output on a slide's view, the cells drawn from it and their prepared tiles."""
         gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
         out = model.attend(
             torch.from_numpy(item.view.image)[None].to(device),
@@ -398,8 +399,12 @@ def train_dual(
         if training and settings.augment:
             tiles = _augment(tiles, rng)
         x = model.prepare(torch.from_numpy(tiles), config.feature_px).to(device)
-        label = torch.tensor([item.label], device=device)
-        return model.soft_loss(out, x, idx.to(device), label, weights), out
+        return out, idx.to(device), x
+
+    def soft_step(draws: list, labels: list[int]):
+        """L_SA of a step's slides, their tiles one batch through the feature network."""
+        outs, idx, tiles = zip(*draws, strict=True)
+        return model.soft_losses(outs, tiles, idx, torch.tensor(labels, device=device), weights)
 
     def train_epoch(
         epoch: int, rng: np.random.Generator, lr: float
@@ -411,14 +416,12 @@ def train_dual(
         tile_classes = np.zeros(len(classes), dtype=np.int64)
         for k, step in enumerate(steps):
             optimizer.zero_grad(set_to_none=True)
-            soft_total = torch.zeros((), device=device)
-            hard_tiles, hard_labels = [], []
+            hard_tiles, hard_labels, soft_draws = [], [], []
             for index in step:
                 item = train[index]
                 with open_slide(item.slide, mpp=item.mpp) as slide:
                     if settings.mode in ("joint", "soft"):
-                        loss, _ = soft_part(item, slide, rng)
-                        soft_total = soft_total + loss.total / len(step)
+                        soft_draws.append(soft_draw(item, slide, rng))
                     if settings.mode in ("joint", "hard"):
                         chosen = select_tiles(
                             model,
@@ -439,7 +442,9 @@ def train_dual(
                         else:
                             hard_labels += [item.label] * len(tiles)
             total = torch.zeros((), device=device)
-            if settings.mode in ("joint", "soft"):
+            if soft_draws:
+                step_losses = soft_step(soft_draws, [train[i].label for i in step])
+                soft_total = torch.stack([loss.total for loss in step_losses]).mean()
                 total = total + (alpha if settings.mode == "joint" else 1.0) * soft_total
                 soft_losses.append(float(soft_total.detach()))
             if hard_tiles:
@@ -483,7 +488,7 @@ def train_dual(
         with torch.no_grad():
             for item in val:
                 with open_slide(item.slide, mpp=item.mpp) as slide:
-                    loss, _ = soft_part(item, slide, rng, training=False)
+                    (loss,) = soft_step([soft_draw(item, slide, rng, training=False)], [item.label])
                 truth.append(item.label)
                 probs.append(torch.softmax(loss.logits[0].float(), -1).cpu().numpy())
         return evaluate(truth, probabilities=np.stack(probs).astype(np.float64), classes=classes)
