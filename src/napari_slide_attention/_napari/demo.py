@@ -42,7 +42,10 @@ DEMO_COHORT = {"slides_per_class": {"train": 3, "val": 1}, "size": (3072, 2048),
 # The demo's dual-attention model: the dual benchmarks' small CPU sizes
 # (``train.dual.CPU_PRESET``) with the paper's HER2 sampling, trained jointly
 # (L_HA + α^e·L_SA) on a few synthetic HER2 slides, the task the paper judged it on.
+# Tiles one attention cell apart (half a tile edge), as in ``benchmarks/dual_ihc.py``:
+# a tumour on these small slides holds only a few tiles side by side (docs/models.md).
 DEMO_DUAL = {"epochs": 12, "mode": "joint"}
+DEMO_DUAL_MODEL = {"min_distance": 1.0}
 DEMO_IHC_COHORT = {
     "slides_per_class": {"train": 3, "val": 1},
     "size": (3072, 2048),
@@ -80,7 +83,7 @@ def demo_model(out: Path, log=print, kind: str = "grid") -> Path:
 
         cohort = make_synthetic_cohort(out / "cohort-her2", seed=1, **DEMO_IHC_COHORT)
         preset = json.loads(json.dumps(CPU_PRESET))
-        preset["model"].update(STAIN_SAMPLING["her2"])
+        preset["model"].update({**STAIN_SAMPLING["her2"], **DEMO_DUAL_MODEL})
         settings = DualTrainSettings.from_dict({**preset, **DEMO_DUAL})
         training = train_dual(cohort, run, settings)  # resumes an interrupted run
     else:
