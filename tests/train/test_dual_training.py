@@ -21,7 +21,8 @@ from napari_slide_attention.models.dual_attention import DualAttention, DualAtte
 from napari_slide_attention.results import SlideResult
 from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.slide.sampling import read_tiles, read_view
-from napari_slide_attention.train.dual import DualTrainSettings, _mixed_steps, train_dual
+from napari_slide_attention.train.dual import DualTrainSettings, train_dual
+from napari_slide_attention.train.dual_data import mixed_steps
 
 SMALL_HARD = {
     "glimpses": 3,
@@ -224,13 +225,13 @@ def test_slide_call_takes_the_most_frequent_tile_class_ties_to_higher_risk():
 
 def test_steps_mix_classes_and_use_every_slide():
     labels = [0, 0, 0, 1, 1, 2, 2, 3]
-    steps = _mixed_steps(labels, 4, np.random.default_rng(0))
+    steps = mixed_steps(labels, 4, np.random.default_rng(0))
     used = {i for step in steps for i in step}
     assert used == set(range(len(labels)))
     assert len(steps) == 3  # class 0's three slides need three turns of four classes
     for step in steps:
         assert len({labels[i] for i in step}) == 4
-    assert _mixed_steps(labels, 4, np.random.default_rng(0)) == steps  # seeded
+    assert mixed_steps(labels, 4, np.random.default_rng(0)) == steps  # seeded
 
 
 def test_glimpse_geometry_maps_tile_coordinates_to_level0():

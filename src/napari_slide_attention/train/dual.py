@@ -35,25 +35,33 @@ the model call a slide by the highest-risk class of any tile instead (``slide_ca
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..inference.dual import SAMPLERS, run_hard, select_tiles, slide_call
-from ..jobs import Progress, run_to_end
+from ..inference.dual import SAMPLERS, select_tiles
+from ..jobs import Progress
 from ..models.checkpoint import read_checkpoint
 from ..models.device import resolve_device
 from ..models.dual_attention import DualAttention, DualAttentionConfig
 from ..models.hard_attention import hard_attention_loss
 from ..models.sampling import sample_without_replacement
-from ..slide.boxes import Box, cell_boxes
+from ..slide.boxes import cell_boxes
 from ..slide.reader import Slide, open_slide
-from ..slide.sampling import SlideView, read_tiles, read_view, tile_edge_px, tissue_statistics
-from ..slide.tissue import TissueParams, tissue_mask
+from ..slide.sampling import read_tiles, tissue_statistics
+from ..slide.tissue import TissueParams
 from .cohort import Cohort
+from .dual_data import (
+    SlideData,
+    augment_tiles,
+    evaluate_dual,
+    mixed_steps,
+    normalisation_tiles,
+    prepare_slides,
+)
 from .loop import (
     RunDirectory,
     SettingsRecord,
@@ -193,118 +201,8 @@ class DualTrainSettings(SettingsRecord):
         return self.lr * self.lr_gamma ** (epoch // self.lr_step)
 
 
-def _augment(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random quarter turn and flip per tile ((N, h, w, 3) uint8, square tiles)."""
-    out = np.empty_like(tiles)
-    for i, t in enumerate(tiles):
-        t = np.rot90(t, int(rng.integers(4)))
-        out[i] = t[:, ::-1] if rng.random() < 0.5 else t
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # Training
-
-
-@dataclass
-class _SlideData:
-    slide: str
-    label: int
-    view: SlideView
-    size: tuple[int, int]
-    tile_px: int
-    mpp: float | None = None  # the cohort's override of the slide's pixel size
-    regions: list[tuple[Box, int]] | None = None  # the cohort's lesion boxes (or None)
-
-
-def _prepare(
-    cohort: Cohort, split: str, settings: DualTrainSettings, tissue: TissueParams | None
-) -> Generator[Progress, None, list[_SlideData]]:
-    entries = [e for e in cohort.entries if e.split == split]
-    out = []
-    for n, entry in enumerate(entries):
-        with open_slide(entry.slide, mpp=entry.mpp) as slide:
-            mask = tissue_mask(slide, tissue)
-            view = read_view(slide, settings.model["view_downsample"], mask=mask)
-            tile_px = tile_edge_px(slide, settings.model["tile_um"])
-            size = slide.dimensions
-        if not view.tissue.any():
-            yield Progress(
-                "prepare", n + 1, len(entries), f"{entry.slide.name}: no tissue, skipped"
-            )
-            continue
-        regions = None if entry.lesions is None else list(entry.lesions)
-        out.append(
-            _SlideData(str(entry.slide), entry.label, view, size, tile_px, entry.mpp, regions)
-        )
-        found = ""
-        if settings.tile_labels == "regions" and split == "train":
-            found = f", {len(regions or ())} region(s)"
-            if regions:
-                names = sorted({cohort.classes[c] for _, c in regions})
-                found += f" ({', '.join(names)})"
-        yield Progress(
-            "prepare",
-            n + 1,
-            len(entries),
-            f"{split}: {entry.slide.name}: view {view.shape[1]}x{view.shape[0]} px{found}",
-        )
-    return out
-
-
-def _mixed_steps(labels: Sequence[int], per_step: int, rng: np.random.Generator) -> list[list[int]]:
-    """An epoch's steps of ``per_step`` slide indices: the classes taken in turn (so a step
-    of 4 holds 4 classes where there are 4), each class's slides in a shuffled order, until
-    every slide has been used (the classes with fewer slides then repeat some)."""
-    by_class: dict[int, list[int]] = {}
-    for i, c in enumerate(labels):
-        by_class.setdefault(int(c), []).append(i)
-    classes = [int(c) for c in rng.permutation(sorted(by_class))]
-    queues = {c: [int(i) for i in rng.permutation(by_class[c])] for c in classes}
-    unused = set(range(len(labels)))
-    steps: list[list[int]] = []
-    turn = 0
-    while unused:
-        step = []
-        for _ in range(per_step):
-            c = classes[turn % len(classes)]
-            turn += 1
-            if not queues[c]:
-                queues[c] = [int(i) for i in rng.permutation(by_class[c])]
-            index = queues[c].pop()
-            unused.discard(index)
-            step.append(index)
-        steps.append(step)
-    return steps
-
-
-def evaluate_dual(
-    model: DualAttention,
-    data: list[_SlideData],
-    classes: tuple[str, ...],
-    device: torch.device,
-    *,
-    sampler: str = "attention",
-    seed: int = 0,
-):
-    """Slide-level metrics of ``model`` on prepared slides (fixed seeds)."""
-    model.eval()
-    truth, probs = [], []
-    for k, item in enumerate(data):
-        rng = np.random.default_rng([seed, k])
-        chosen = select_tiles(
-            model, item.view, item.size, item.tile_px, rng, sampler=sampler, device=device
-        )
-        with open_slide(item.slide, mpp=item.mpp) as slide:
-            tiles = read_tiles(slide, chosen.boxes, model.hard.config.tile_px)
-        generator = torch.Generator(device="cpu").manual_seed(seed * 7919 + k)
-        run = run_to_end(run_hard(model, tiles, device, generator))
-        p, _ = slide_call(run.probabilities, model.config.risk, model.config.slide_call)
-        truth.append(item.label)
-        probs.append(p)
-    probabilities = np.stack(probs).astype(np.float64)
-    probabilities /= probabilities.sum(1, keepdims=True)
-    return evaluate(truth, probabilities=probabilities, classes=classes)
 
 
 def train_dual(
@@ -349,8 +247,8 @@ def train_dual(
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     config = settings.model_config(classes)
-    train = yield from _prepare(cohort, "train", settings, tissue)
-    val = yield from _prepare(cohort, "val", settings, tissue)
+    train = yield from prepare_slides(cohort, "train", settings, tissue)
+    val = yield from prepare_slides(cohort, "val", settings, tissue)
     if not train:
         raise ValueError("the cohort's training split has no slide with tissue")
     if settings.tile_labels == "regions":
@@ -363,7 +261,7 @@ def train_dual(
         load_init(model, init, config.kind, classes)
     else:
         rng = np.random.default_rng([settings.seed, 10**6])
-        mean, std = tissue_statistics(_normalisation_tiles(train, settings, rng))
+        mean, std = tissue_statistics(normalisation_tiles(train, settings, rng))
         model.set_normalisation(mean, std)
     model = on_device(model, device)
     counts = np.bincount([s.label for s in train], minlength=len(classes)).astype(float)
@@ -380,7 +278,7 @@ def train_dual(
     n_soft = settings.soft_samples or config.n_tiles
     risk = config.risk
 
-    def soft_draw(item: _SlideData, slide: Slide, rng: np.random.Generator, training: bool = True):
+    def soft_draw(item: SlideData, slide: Slide, rng: np.random.Generator, training: bool = True):
         """A's output on a slide's view, the cells drawn from it and their prepared tiles."""
         gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
         out = model.attend(
@@ -397,7 +295,7 @@ def train_dual(
         boxes = cell_boxes(cells, config.cell_px, item.tile_px, item.size)
         tiles = read_tiles(slide, boxes, config.feature_px)
         if training and settings.augment:
-            tiles = _augment(tiles, rng)
+            tiles = augment_tiles(tiles, rng)
         x = model.prepare(torch.from_numpy(tiles), config.feature_px).to(device)
         return out, idx.to(device), x
 
@@ -410,7 +308,7 @@ def train_dual(
         epoch: int, rng: np.random.Generator, lr: float
     ) -> Generator[Progress, None, dict[str, Any]]:
         model.train()
-        steps = _mixed_steps([s.label for s in train], settings.slides_per_step, rng)
+        steps = mixed_steps([s.label for s in train], settings.slides_per_step, rng)
         alpha = model.joint_weight(epoch)
         losses, soft_losses, hard_losses, correct, seen = [], [], [], 0, 0
         tile_classes = np.zeros(len(classes), dtype=np.int64)
@@ -434,7 +332,7 @@ def train_dual(
                         )
                         tiles = read_tiles(slide, chosen.boxes, hard_px)
                         if settings.augment:
-                            tiles = _augment(tiles, rng)
+                            tiles = augment_tiles(tiles, rng)
                         hard_tiles.append(tiles)
                         if settings.tile_labels == "regions":
                             labels = region_tile_labels(chosen.boxes, item.regions or (), risk)
@@ -518,16 +416,3 @@ def train_dual(
         run, settings, model, optimizer, train_epoch, validate, extra, "val mean F1"
     )
     return run.summary(stopped)
-
-
-def _normalisation_tiles(
-    train: list[_SlideData], settings: DualTrainSettings, rng: np.random.Generator
-):
-    """Tiles at random tissue cells of the training slides (for the mean and std)."""
-    for item in train:
-        rows, cols = np.nonzero(item.view.tissue)
-        pick = rng.choice(len(rows), size=min(settings.normalise_tiles, len(rows)), replace=False)
-        pixels = np.stack([rows[pick], cols[pick]], 1)  # view px as (1 x 1) cells
-        boxes = cell_boxes(pixels, item.view.downsample, item.tile_px, item.size)
-        with open_slide(item.slide, mpp=item.mpp) as slide:
-            yield from read_tiles(slide, boxes, settings.model["feature_px"])
