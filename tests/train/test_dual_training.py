@@ -22,7 +22,7 @@ from napari_slide_attention.results import SlideResult
 from napari_slide_attention.slide.reader import open_slide
 from napari_slide_attention.slide.sampling import read_tiles, read_view
 from napari_slide_attention.train.dual import DualTrainSettings, train_dual
-from napari_slide_attention.train.dual_data import mixed_steps
+from napari_slide_attention.train.dual_data import mixed_steps, selection_score
 
 SMALL_HARD = {
     "glimpses": 3,
@@ -68,6 +68,9 @@ def test_training_writes_checkpoints_logs_and_events(dual_run):
         assert np.isfinite(row["train_loss"]) and np.isfinite(row["hard_loss"])
         assert "soft_loss" in row and "val_mean_f1" in row
     assert log[1]["joint_weight"] == pytest.approx(0.5)  # α^e with α = 0.5
+    # the best epoch: highest validation F1, ties to the lower validation loss
+    best = max(log, key=lambda row: (row["val_mean_f1"], -row["val_loss"]))
+    assert read_checkpoint(summary.best, tensors=False).extra["epoch"] == best["epoch"]
     stages = {e.stage for e in events}
     assert {"prepare", "step", "epoch"} <= stages
     checkpoint = read_checkpoint(summary.best)
@@ -75,6 +78,13 @@ def test_training_writes_checkpoints_logs_and_events(dual_run):
     assert checkpoint.config["classes"] == ["normal", "low-grade", "high-grade", "carcinoma"]
     # the normalisation measured on the training tiles is saved with the hard part's config
     assert checkpoint.config["hard"]["mean"] != [0.5, 0.5, 0.5]
+
+
+def test_a_saturated_validation_f1_leaves_the_choice_to_the_loss():
+    # a later epoch with the same F1 and a lower loss wins; any F1 step beats any loss
+    assert selection_score(1.0, 0.2) > selection_score(1.0, 0.9)
+    assert selection_score(0.9, 0.9) > selection_score(0.875, 0.0)
+    assert selection_score(0.5, 1e9) > selection_score(0.498, 0.0)
 
 
 def test_resume_continues_and_refuses_other_settings(dual_run, tiny_cohort, tmp_path):
@@ -184,8 +194,8 @@ def test_soft_only_training_is_validated_by_the_soft_attentions_own_call(tiny_co
     # the best epoch is chosen on the validation slides, as for the other modes
     for row in log:
         assert 0.0 <= row["val_mean_f1"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
-    best = max(range(len(log)), key=lambda e: log[e]["val_mean_f1"])
-    assert read_checkpoint(summary.best).extra["epoch"] == best
+    best = max(log, key=lambda row: (row["val_mean_f1"], -row["val_loss"]))
+    assert read_checkpoint(summary.best).extra["epoch"] == best["epoch"]
     # the same seeded draws: validating the same weights twice gives the same figures
     again = run_to_end(train_dual(tiny_cohort, tmp_path / "again", settings))
     assert (

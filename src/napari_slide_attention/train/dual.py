@@ -61,6 +61,8 @@ from .dual_data import (
     mixed_steps,
     normalisation_tiles,
     prepare_slides,
+    selection_score,
+    slide_scores,
 )
 from .loop import (
     RunDirectory,
@@ -71,7 +73,7 @@ from .loop import (
     on_device,
     run_epochs,
 )
-from .metrics import Metrics, evaluate
+from .metrics import Metrics
 from .tile_labels import TILE_LABELS, check_regions, region_tile_labels
 
 __all__ = [
@@ -377,7 +379,7 @@ def train_dual(
             row["joint_weight"] = alpha  # α^e on L_SA this epoch
         return row
 
-    def validate_soft() -> Metrics:
+    def validate_soft() -> tuple[Metrics, float]:
         """The soft attention's own call on the validation slides: its head on the
         expected features of tiles drawn from A (seeded, no augmentation)."""
         model.eval()
@@ -389,15 +391,15 @@ def train_dual(
                     (loss,) = soft_step([soft_draw(item, slide, rng, training=False)], [item.label])
                 truth.append(item.label)
                 probs.append(torch.softmax(loss.logits[0].float(), -1).cpu().numpy())
-        return evaluate(truth, probabilities=np.stack(probs).astype(np.float64), classes=classes)
+        return slide_scores(truth, np.stack(probs), classes)
 
     def validate():
         if not val:
             return None
         if settings.mode == "soft":
-            metrics = validate_soft()
+            metrics, loss = validate_soft()
         else:
-            metrics = evaluate_dual(
+            metrics, loss = evaluate_dual(
                 model, val, classes, device, sampler=settings.sampler, seed=settings.seed
             )
         model.train()
@@ -406,8 +408,9 @@ def train_dual(
                 "val_mean_f1": metrics.mean.f1,
                 "val_accuracy": metrics.accuracy,
                 "val_auroc": metrics.auroc,
+                "val_loss": loss,
             },
-            metrics.mean.f1,
+            selection_score(metrics.mean.f1, loss),
         )
 
     extra = run.checkpoint_extra(record["cohort"], settings, None)
