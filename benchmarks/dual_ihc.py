@@ -258,6 +258,16 @@ def run_her2(args) -> dict:
     if not args.skip_train:
         start_afresh(runs.values())
         train_methods(cohort, runs, "her2", args)
+    if args.her2_test_seed is not None:
+        # A fresh test cohort: the same settings, another seed, test slides only; the
+        # models are the ones trained above (or in --dir with --skip-train).
+        settings = {**COHORTS["her2"], "seed": args.her2_test_seed}
+        cohort = make_synthetic_cohort(
+            args.dir / "her2" / f"test-seed-{args.her2_test_seed}",
+            slides_per_class={"test": args.her2_per_class["test"]},
+            **settings,
+        )
+        print(f"HER2 fresh test cohort (seed {args.her2_test_seed}): {len(cohort)} slides")
     table, report, wheres, contest = {}, {}, {}, {}
     for method in METHODS:
         where = None if method == "sliding window" else Where(args.random_draws)
@@ -401,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmr-slides", type=int, default=PER_CLASS["mmr"]["train"])
     parser.add_argument("--her2-points", type=Path, help="the contest's points table (JSON)")
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --dir")
+    parser.add_argument(
+        "--her2-test-seed",
+        type=int,
+        default=None,
+        help="test the HER2 models on a fresh test cohort from this seed (same settings)",
+    )
     parser.add_argument("--random-draws", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--hard", action="append", default=[], metavar="KEY=VALUE")
