@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss
 
 from ..inference.dual import run_hard, select_tiles, slide_call
 from ..jobs import Progress, run_to_end
@@ -19,7 +18,7 @@ from ..slide.reader import open_slide
 from ..slide.sampling import SlideView, read_tiles, read_view, tile_edge_px
 from ..slide.tissue import TissueParams, tissue_mask
 from .cohort import Cohort
-from .metrics import Metrics, evaluate
+from .metrics import Metrics, evaluate, slide_log_loss
 
 if TYPE_CHECKING:
     from .dual import DualTrainSettings
@@ -152,12 +151,11 @@ def evaluate_dual(
 def slide_scores(
     truth: Sequence[int], probabilities: np.ndarray, classes: Sequence[str]
 ) -> tuple[Metrics, float]:
-    """The validation slides' metrics and their log loss (mean cross-entropy of the slide
-    probabilities, clipped as scikit-learn does)."""
+    """The validation slides' metrics and their log loss (``slide_log_loss``)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     probabilities /= probabilities.sum(1, keepdims=True)
     metrics = evaluate(truth, probabilities=probabilities, classes=classes)
-    return metrics, float(log_loss(truth, probabilities, labels=list(range(len(classes)))))
+    return metrics, slide_log_loss(truth, probabilities)
 
 
 def selection_score(f1: float, loss: float) -> float:

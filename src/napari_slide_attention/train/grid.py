@@ -57,7 +57,7 @@ from .loop import (
     on_device,
     run_epochs,
 )
-from .metrics import Metrics, evaluate
+from .metrics import Metrics, evaluate, slide_log_loss
 
 __all__ = ["GridTrainSettings", "TrainSummary", "evaluate_grid", "train_grid"]
 
@@ -316,16 +316,8 @@ def evaluate_grid(
 
 
 def slide_loss(rows: list[dict[str, Any]]) -> float:
-    """Mean cross-entropy of slide probabilities (``evaluate_grid``'s rows) and labels.
-
-    Probabilities are clipped at 1e-7, so one confidently wrong slide counts at most
-    ln(1e7) ≈ 16 instead of infinity.
-    """
-    truth = np.array([row["label"] for row in rows], dtype=np.int64)
-    probs = np.array([row["probabilities"] for row in rows], dtype=np.float64)
-    probs /= probs.sum(1, keepdims=True)
-    picked = np.clip(probs[np.arange(len(truth)), truth], 1e-7, 1.0)
-    return float(-np.log(picked).mean())
+    """``metrics.slide_log_loss`` of ``evaluate_grid``'s rows."""
+    return slide_log_loss([row["label"] for row in rows], [row["probabilities"] for row in rows])
 
 
 def train_grid(

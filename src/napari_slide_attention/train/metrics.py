@@ -38,7 +38,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-__all__ = ["ClassMetrics", "Metrics", "evaluate", "format_confusion", "format_table2"]
+__all__ = [
+    "ClassMetrics",
+    "Metrics",
+    "evaluate",
+    "format_confusion",
+    "format_table2",
+    "slide_log_loss",
+]
 
 # Rows of the probabilities may be off 1 by this much (float32 softmax, rounding on
 # disk); they are renormalised before scikit-learn sees them, whose own check is far
@@ -517,3 +524,16 @@ def _cells(values: Sequence[float | None]) -> list[str]:
         "n/a" if s is None else (s + "*" if best is not None and float(s) == best else s)
         for s in shown
     ]
+
+
+def slide_log_loss(truth: Sequence[int], probabilities: np.ndarray) -> float:
+    """Mean cross-entropy of slide probabilities (rows renormalised) and class indices.
+
+    Probabilities are clipped at 1e-7, so one confidently wrong slide counts at most
+    ln(1e7) ≈ 16 instead of infinity.
+    """
+    labels = np.asarray(truth, dtype=np.int64)
+    probs = np.array(probabilities, dtype=np.float64)
+    probs /= probs.sum(1, keepdims=True)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(-np.log(picked).mean())
