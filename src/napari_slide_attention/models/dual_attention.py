@@ -30,7 +30,7 @@ reads the view and the tiles and calls ``attend``, ``soft_loss`` and ``hard``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -41,7 +41,13 @@ from .hard_attention import HardAttention, HardAttentionConfig
 from .preact_resnet import preact_resnet8
 from .sampling import expected_without_replacement
 from .soft_attention import SoftAttention, SoftAttentionConfig, SoftAttentionOutput, entropy_loss
-from .tile_network import ModelConfig
+from .tile_network import (
+    MAX_INPUT_PX,
+    MAX_TILE_UM,
+    MIN_TILE_UM,
+    ModelConfig,
+    check_range,
+)
 
 __all__ = [
     "MODEL_KIND",
@@ -110,11 +116,10 @@ class DualAttentionConfig(ModelConfig):
     kind: str = field(default=MODEL_KIND, init=False)
 
     def __post_init__(self) -> None:
-        self.classes = tuple(str(c) for c in self.classes)
-        if len(self.classes) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
-        if self.risk_order is not None:
-            self.risk_order = tuple(int(v) for v in self.risk_order)
+        unordered = self.risk_order is None
+        self._check_classes()  # and every field's type
+        if unordered:
+            self.risk_order = None
         self.noise = tuple(float(v) for v in self.noise)
         self.soft = dict(self.soft)
         self.hard = dict(self.hard)
@@ -136,13 +141,32 @@ class DualAttentionConfig(ModelConfig):
             raise ValueError(f"noise must be [low, high] with high >= low, got {self.noise}")
         if not self.tile_um > 0 or self.feature_px < 8 or self.feature_width < 1:
             raise ValueError("tile_um must be positive, feature_px >= 8 and feature_width >= 1")
+        check_range("view_downsample", self.view_downsample, 1, 1024)
+        check_range("n_tiles", self.n_tiles, 1, 1024)
+        if self.candidates is not None:
+            check_range("candidates", self.candidates, self.n_tiles, 65536)
+        if self.min_distance is not None:
+            check_range("min_distance", self.min_distance, 0, 1e6)
+        for value in self.noise:
+            check_range("noise", value, -1e6, 1e6)
+        check_range("tile_um", self.tile_um, MIN_TILE_UM, MAX_TILE_UM)
+        check_range("feature_px", self.feature_px, 8, MAX_INPUT_PX)
+        check_range("feature_width", self.feature_width, 1, 1024)
         if not 0 <= self.joint_alpha <= 1:
             raise ValueError(f"joint_alpha must be in [0, 1], got {self.joint_alpha}")
         if self.slide_call not in SLIDE_CALLS:
             raise ValueError(f"slide_call must be one of {SLIDE_CALLS}, got {self.slide_call!r}")
         # Build the parts' configs once, so bad part settings fail here, with their message.
-        self.soft_config()
-        self.hard_config()
+        for part, build in (("soft", self.soft_config), ("hard", self.hard_config)):
+            config_type = SoftAttentionConfig if part == "soft" else HardAttentionConfig
+            known = {f.name for f in fields(config_type) if f.init}
+            unknown = sorted(set(getattr(self, part)) - known)
+            if unknown:
+                raise ValueError(f"unknown {part} settings: {', '.join(map(str, unknown))}")
+            try:
+                build()
+            except ValueError as exc:
+                raise ValueError(f"{part}: {exc}") from None
 
     def soft_config(self) -> SoftAttentionConfig:
         """The soft attention's configuration."""

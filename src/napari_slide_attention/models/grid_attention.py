@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import Autocast, model_device
-from .tile_network import ModelConfig, TileNetwork
+from .tile_network import (
+    MAX_INPUT_PX,
+    MAX_TILE_UM,
+    MAX_WIDTH,
+    MIN_TILE_UM,
+    ModelConfig,
+    TileNetwork,
+    check_range,
+)
 
 __all__ = [
     "GridAttention",
@@ -40,6 +48,10 @@ __all__ = [
 ]
 
 MODEL_KIND = "grid-attention"
+# Bounds on the head's sizes (the paper: 64 maps of 3 x 3, no hidden layer).
+MAX_MAPS = 1024
+MAX_KERNEL = 15
+MAX_HIDDEN_LAYERS = 8
 
 
 @dataclass
@@ -83,12 +95,20 @@ class GridAttentionConfig(ModelConfig):
         self.std = tuple(float(v) for v in self.std)
         if self.n_maps < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError("n_maps must be >= 1 and kernel a positive odd number")
+        check_range("n_maps", self.n_maps, 1, MAX_MAPS)
+        check_range("kernel", self.kernel, 1, MAX_KERNEL)
+        if len(self.hidden) > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"hidden must have at most {MAX_HIDDEN_LAYERS} layers")
+        for width in self.hidden:
+            check_range("hidden", width, 1, MAX_WIDTH)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.trainable_blocks <= 5:
             raise ValueError(f"trainable_blocks must be 0..5, got {self.trainable_blocks}")
         if self.tile_um <= 0 or self.input_px < 16:
             raise ValueError("tile_um must be positive and input_px at least 16")
+        check_range("tile_um", self.tile_um, MIN_TILE_UM, MAX_TILE_UM)
+        check_range("input_px", self.input_px, 16, MAX_INPUT_PX)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need 3 values, std positive")
 

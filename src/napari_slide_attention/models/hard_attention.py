@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tile_network import ModelConfig
+from .tile_network import MAX_WIDTH, ModelConfig, check_range
 
 __all__ = [
     "MODEL_KIND",
@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 MODEL_KIND = "hard-attention"
+# The largest tile the model takes (the paper: 2048 px at 40x).
+MAX_TILE_PX = 8192
 _CONVERT_FLOATS = 1 << 26  # pixels converted to float at a time for i_d (256 MB)
 
 
@@ -130,7 +132,7 @@ class HardAttentionConfig(ModelConfig):
     kind: str = field(default=MODEL_KIND, init=False)
 
     def __post_init__(self) -> None:
-        self._check_classes()
+        self._check_classes()  # and every field's type
         self.scales = tuple(float(s) for s in self.scales)
         self.hidden = tuple(int(h) for h in self.hidden)
         self.glimpse_channels = tuple(int(c) for c in self.glimpse_channels)
@@ -171,6 +173,22 @@ class HardAttentionConfig(ModelConfig):
             )
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {list(self.std)}")
+        check_range("glimpses", self.glimpses, 1, 64)
+        check_range("tile_px", self.tile_px, 1, MAX_TILE_PX)
+        check_range("in_channels", self.in_channels, 1, 16)
+        check_range("feature", self.feature, 1, MAX_WIDTH)
+        check_range("glimpse_pool", self.glimpse_pool, 1, 64)
+        check_range("context_pool", self.context_pool, 1, 64)
+        if len(self.scales) > 8:
+            raise ValueError(f"scales must have at most 8 values, got {len(self.scales)}")
+        for scale in self.scales:
+            check_range("scales", scale, 1, 64)
+        for name in ("hidden", "glimpse_channels", "context_channels"):
+            sizes = getattr(self, name)
+            if len(sizes) > 16:
+                raise ValueError(f"{name} must have at most 16 sizes, got {len(sizes)}")
+            for size in sizes:
+                check_range(name, size, 1, MAX_WIDTH)
 
     @property
     def box_px(self) -> int:

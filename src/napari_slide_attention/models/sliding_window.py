@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from .device import Autocast
-from .tile_network import ModelConfig, TileNetwork
+from .tile_network import (
+    MAX_INPUT_PX,
+    MAX_TILE_UM,
+    MIN_TILE_UM,
+    ModelConfig,
+    TileNetwork,
+    check_range,
+)
 
 __all__ = ["MODEL_KIND", "CropClassifier", "SlidingWindowConfig", "aggregate_tiles"]
 
@@ -71,6 +78,8 @@ class SlidingWindowConfig(ModelConfig):
             raise ValueError(f"trainable_blocks must be 0..5, got {self.trainable_blocks}")
         if self.crop_um <= 0 or self.input_px < 16:
             raise ValueError("crop_um must be positive and input_px at least 16")
+        check_range("crop_um", self.crop_um, MIN_TILE_UM, MAX_TILE_UM)
+        check_range("input_px", self.input_px, 16, MAX_INPUT_PX)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need 3 values, std positive")
         n = len(self.classes)

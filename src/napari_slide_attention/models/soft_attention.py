@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tile_network import MAX_WIDTH, check_field_types, check_range
+
 __all__ = [
     "SoftAttention",
     "SoftAttentionConfig",
@@ -86,6 +88,7 @@ class SoftAttentionConfig:
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         if self.in_channels < 1:
@@ -114,6 +117,17 @@ class SoftAttentionConfig:
             )
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {list(self.std)}")
+        check_range("in_channels", self.in_channels, 1, 16)
+        check_range("layers", self.layers, 1, 16)
+        check_range("kernel", self.kernel, 1, 15)
+        check_range("pool", self.pool, 1, 1024)
+        check_range("top_k", self.top_k, 0, 10**6)
+        # the last layer has channels * 2^(layers - 1) channels
+        if self.channels * 2 ** (self.layers - 1) > MAX_WIDTH:
+            raise ValueError(
+                f"channels * 2^(layers - 1) must be at most {MAX_WIDTH}, got channels "
+                f"{self.channels} and layers {self.layers}"
+            )
 
 
 @dataclass(frozen=True)
