@@ -17,15 +17,17 @@ from napari_slide_attention.models.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
     load_model,
-    load_training_state,
     read_checkpoint,
     save_checkpoint,
-    save_training_state,
 )
 from napari_slide_attention.models.grid_attention import (
     MODEL_KIND,
     GridAttention,
     GridAttentionConfig,
+)
+from napari_slide_attention.models.training_state import (
+    load_training_state,
+    save_training_state,
 )
 
 CONFIG = {"classes": ["a", "b"], "n_maps": 2, "mean": [0.1, 0.2, 0.3], "nested": {"x": None}}

@@ -3,47 +3,63 @@
 A checkpoint is ``<name>.safetensors``: the model's tensors plus, in the safetensors
 metadata, the JSON config (model kind, sizes, class names, normalisation) and the
 format version. Loading one reads tensors and JSON only; nothing is unpickled. The
-header (kind, config, extras) is read from the file's JSON prefix with the standard
-library alone, so a file picker on the GUI thread never imports torch. Writes
-go to a temporary file in the same directory that is renamed over the target, so a
-crash never leaves a half-written checkpoint under the real name.
+header (kind, config, extras, and the table of tensor names, types and shapes) is read
+from the file's JSON prefix with the standard library alone, so a file picker on the GUI
+thread never imports torch. Writes go to a temporary file in the same directory that is
+renamed over the target, so a crash never leaves a half-written checkpoint under the
+real name; the file gets the permissions a plain ``open`` would give it.
 
-The optimiser and schedule state for resuming training go into a second file of the
-same kind (``save_training_state``).
+Before any tensor is used, ``load_model`` checks the header against what it describes:
+the config through the kind's config class (types and sane ranges of every setting),
+then the tensor table against the state dict of the model that config builds (built on
+torch's meta device, so a header asking for a huge model allocates nothing). A header
+that does not fit is a ``CheckpointError`` naming the file and the setting or tensor.
+
+The training state for resuming is ``training_state.py``'s: a file of the same kind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .registry import model_kind
+from .registry import KINDS, model_kind
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .registry import ModelKind
+
 __all__ = [
     "CHECKPOINT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "atomic_copy",
+    "atomic_write_text",
+    "check_fits",
+    "is_temporary",
     "load_model",
-    "load_training_state",
+    "model_config",
     "read_checkpoint",
     "save_checkpoint",
-    "save_training_state",
 ]
 
 CHECKPOINT_VERSION = 1
 _FORMAT = "napari-slide-attention"
 # A header larger than this is not one of ours (ours are a few kB).
 _MAX_HEADER = 64 << 20
+# safetensors' dtype names
+_DTYPES = frozenset(
+    ["BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64"]
+)
 
 
 class CheckpointError(ValueError):
@@ -66,6 +82,7 @@ class Checkpoint:
         tensors: the weights by name (torch tensors; empty for a header read).
         extra: other JSON facts (epoch, metrics, cohort, training settings).
         version: checkpoint format version.
+        layout: the header's tensor table: name -> (safetensors dtype, shape).
     """
 
     path: Path
@@ -74,8 +91,10 @@ class Checkpoint:
     tensors: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = CHECKPOINT_VERSION
+    layout: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
+# -- writing ------------------------------------------------------------------------------
 def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict[str, str]):
     """safetensors' writer (imported when first used: it imports torch)."""
     from safetensors.torch import save_file as write
@@ -83,24 +102,87 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict
     write(tensors, filename, metadata=metadata)
 
 
+def _temp_sibling(path: Path) -> Path:
+    """A new, empty file beside ``path`` with a hidden temporary name, created as a plain
+    ``open`` would (mode 0666 less the umask: ``tempfile.mkstemp`` would give 0600, and
+    a checkpoint renamed from it would differ from its copies)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk and rename it over ``path`` (then flush the rename)."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a directory that cannot be opened (some platforms): skip
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_sibling(path)
     try:
         # safetensors wants contiguous tensors that share no memory
         save_file(
             {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-            tmp,
+            str(tmp),
             metadata=metadata,
         )
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy ``source`` over ``target`` through a temporary sibling and a rename, so
+    ``target`` is always either the old file or a complete copy; returns ``target``."""
+    source, target = Path(source), Path(target)
+    tmp = _temp_sibling(target)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        _commit(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename."""
+    path = Path(path)
+    tmp = _temp_sibling(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as this module's temporary files are (a write that a
+    crash cut short leaves one behind; nothing reads them)."""
+    name = Path(path).name
+    return bool(re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name))
 
 
 def save_checkpoint(
@@ -132,8 +214,10 @@ def save_checkpoint(
     return _atomic_save(state_dict, metadata, path)
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header's ``__metadata__``, read with the standard library.
+# -- reading the header -------------------------------------------------------------------
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The safetensors header's ``__metadata__`` and tensor table, read with the standard
+    library.
 
     A safetensors file starts with the header's length (8 bytes, little-endian) and the
     header itself (JSON: tensor names, dtypes, shapes, offsets, and ``__metadata__``).
@@ -151,10 +235,11 @@ def _read_metadata(path: Path) -> dict[str, str]:
             header = json.loads(handle.read(length))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        metadata = header.get("__metadata__") or {}
+        metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict):
             raise ValueError("__metadata__ is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        layout = {name: _table_entry(name, entry) for name, entry in header.items()}
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(
             path, f"not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
@@ -166,27 +251,46 @@ def _read_metadata(path: Path) -> dict[str, str]:
         )
     try:
         version = int(metadata.get("version", "0"))
-    except ValueError:
+    except (TypeError, ValueError):
         version = -1
     if not 1 <= version <= CHECKPOINT_VERSION:
         raise CheckpointError(
             path,
-            f"checkpoint format version {metadata.get('version')!r}; this napari-slide-"
-            f"attention reads versions 1 to {CHECKPOINT_VERSION} (upgrade the package)",
+            f"checkpoint format version {str(metadata.get('version'))[:20]!r}; this napari-"
+            f"slide-attention reads versions 1 to {CHECKPOINT_VERSION} (upgrade the package)",
         )
-    return metadata
+    return metadata, layout
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _table_entry(name: str, entry: Any) -> tuple[str, tuple[int, ...]]:
+    """One tensor's (dtype, shape) from the header's table; ValueError if malformed."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"tensor {name!r} has no dtype and shape")
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {name!r} has an unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise ValueError(f"tensor {name!r} has a malformed shape")
+    return dtype, tuple(shape)
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+
+def _check_classes(path: Path, config: dict[str, Any]) -> None:
+    """The class names of a known kind's config, checked without torch (what a file
+    picker shows): a list of at least 2 distinct, non-empty strings."""
+    classes = config.get("classes")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c.strip() for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise CheckpointError(
-            path, f"not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+            path,
+            "config: classes must be a list of at least 2 distinct, non-empty names, got "
+            f"{json.dumps(classes)[:60]}",
+        )
 
 
 def read_checkpoint(path: str | os.PathLike, *, tensors: bool = True) -> Checkpoint:
@@ -195,25 +299,146 @@ def read_checkpoint(path: str | os.PathLike, *, tensors: bool = True) -> Checkpo
     Args:
         path: the checkpoint file.
         tensors: read the weights too; False reads the header alone (kind, config,
-            extras: what a file picker shows) and leaves ``tensors`` empty.
+            extras and the tensor table: what a file picker shows) and leaves
+            ``tensors`` empty.
 
     Raises:
-        CheckpointError: missing, unreadable, not ours, or from a newer format.
+        CheckpointError: missing, unreadable, not ours, from a newer format, or a
+            header whose parts are not of their kinds (config and extra JSON objects,
+            kind a string; a known kind's class names a list of distinct names).
     """
     path = Path(path)
-    metadata = _read_metadata(path)
+    metadata, layout = _read_header(path)
     try:
         config = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
         kind = metadata["kind"]
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"damaged header ({exc})") from exc
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(path, f"damaged header ({type(exc).__name__}: {exc})") from exc
     if not isinstance(config, dict) or not isinstance(extra, dict) or not isinstance(kind, str):
         raise CheckpointError(
             path, "damaged header (config and extra must be JSON objects, kind a string)"
         )
+    if kind in KINDS:
+        _check_classes(path, config)
     weights = _read_tensors(path) if tensors else {}
-    return Checkpoint(path, kind, config, weights, extra, int(metadata["version"]))
+    return Checkpoint(path, kind, config, weights, extra, int(metadata["version"]), layout)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(
+            path, f"not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+# -- checking a header against a model ----------------------------------------------------
+def model_config(checkpoint: Checkpoint) -> tuple[ModelKind, Any]:
+    """The checkpoint's kind and its config object, every setting checked.
+
+    Raises:
+        CheckpointError: an unknown kind, or a config its class refuses (naming the
+            setting).
+    """
+    try:
+        kind = model_kind(checkpoint.kind)
+    except ValueError as exc:
+        raise CheckpointError(checkpoint.path, str(exc)) from None
+    try:
+        return kind, kind.config_from_dict(checkpoint.config)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(checkpoint.path, f"config: {exc}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    import torch
+
+    names = {
+        torch.bool: "BOOL",
+        torch.uint8: "U8",
+        torch.int8: "I8",
+        torch.int16: "I16",
+        torch.int32: "I32",
+        torch.int64: "I64",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float32: "F32",
+        torch.float64: "F64",
+    }
+    return names.get(dtype, str(dtype))
+
+
+def _settings_sized(config: Any, size: int, where: str = "") -> list[str]:
+    """The (nested) settings of a JSON config whose value is, or lists, ``size``."""
+    found = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in ("mean", "std", "classes", "risk_order", "thresholds", "min_counts"):
+                continue
+            found += _settings_sized(value, size, f"{where}{key}.")
+    elif isinstance(config, list) and any(v == size for v in config if isinstance(v, int)):
+        found.append(f"{where.rstrip('.')}={json.dumps(config)}")
+    elif isinstance(config, int) and not isinstance(config, bool) and config == size:
+        found.append(f"{where.rstrip('.')}={config}")
+    return found
+
+
+def check_fits(
+    checkpoint: Checkpoint, expected: Mapping[str, Any], config: dict[str, Any] | None = None
+) -> None:
+    """Check the checkpoint's tensor table against a model's state dict: the same names,
+    shapes and dtypes (nothing is read or loaded).
+
+    Args:
+        checkpoint: the checkpoint (its ``layout``; a header read is enough).
+        expected: the state dict the tensors must fill (tensors on any device, meta too).
+        config: the JSON config the model was built from, to name the settings behind a
+            shape that differs (default: the checkpoint's).
+
+    Raises:
+        CheckpointError: naming the first missing, unexpected or ill-fitting tensor.
+    """
+    layout, path = checkpoint.layout, checkpoint.path
+    config = checkpoint.config if config is None else config
+    missing = [name for name in expected if name not in layout]
+    unexpected = [name for name in layout if name not in expected]
+    fits = f"does not fit a {checkpoint.kind} model"
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(path, f"{fits} of its config: {' and '.join(parts)}")
+    for name, tensor in expected.items():
+        dtype, shape = layout[name]
+        want_shape, want_dtype = tuple(tensor.shape), _dtype_name(tensor.dtype)
+        if shape != want_shape:
+            differing = [w for h, w in zip(shape, want_shape, strict=False) if h != w]
+            settings = _settings_sized(config, differing[0]) if differing else []
+            hint = f" ({', '.join(settings[:3])})" if settings else ""
+            raise CheckpointError(
+                path,
+                f"{fits}: tensor {name} has shape {list(shape)}, its config{hint} builds "
+                f"{list(want_shape)}",
+            )
+        if dtype != want_dtype:
+            raise CheckpointError(
+                path, f"{fits}: tensor {name} is {dtype}, the model's is {want_dtype}"
+            )
+
+
+def _skeleton(kind: ModelKind, config: Any) -> nn.Module:
+    """The model a config builds, on the meta device (shapes only, no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return kind.build(config)
 
 
 def load_model(
@@ -221,71 +446,30 @@ def load_model(
 ) -> tuple[nn.Module, Checkpoint]:
     """Rebuild the model a checkpoint describes, with its weights, in eval mode.
 
+    The header is checked first (``model_config``, then ``check_fits`` against the model
+    built on the meta device); only then is the model built and are tensors read.
+
     Raises:
-        CheckpointError: unreadable, an unknown kind, or weights that do not fit.
+        CheckpointError: unreadable, an unknown kind, a setting out of its type or range,
+            or weights that do not fit.
     """
-    checkpoint = read_checkpoint(path)
+    header = read_checkpoint(path, tensors=False)
+    kind, config = model_config(header)
+    check_fits(header, _skeleton(kind, config).state_dict())
+    _, config = model_config(header)  # a fresh one: a model may change its own
+    model = kind.build(config)
+    tensors = _read_tensors(header.path)
     try:
-        kind = model_kind(checkpoint.kind)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc)) from None
-    try:
-        model = kind.build(kind.config_from_dict(checkpoint.config))
-        model.load_state_dict(checkpoint.tensors, strict=True)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(path, f"does not fit a {checkpoint.kind} model: {exc}") from exc
+        model.load_state_dict(tensors, strict=True)
+    except (ValueError, TypeError, RuntimeError) as exc:  # the file changed meanwhile
+        raise CheckpointError(path, f"does not fit a {header.kind} model: {exc}") from exc
+    checkpoint = Checkpoint(
+        header.path,
+        header.kind,
+        header.config,
+        tensors,
+        header.extra,
+        header.version,
+        header.layout,
+    )
     return model.to(device).eval(), checkpoint
-
-
-# -- training state -----------------------------------------------------------------------
-def save_training_state(
-    path: str | os.PathLike, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
-) -> Path:
-    """Write the optimiser's state and the loop's JSON state atomically (for resuming)."""
-    import torch
-
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in opt["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    metadata = {
-        "format": _FORMAT,
-        "version": str(CHECKPOINT_VERSION),
-        "kind": "training-state",
-        "config": json.dumps({"param_groups": opt["param_groups"], "scalars": scalars}),
-        "extra": json.dumps(dict(state)),
-    }
-    if not tensors:  # safetensors needs at least one tensor to write a header we can read
-        tensors["empty"] = torch.zeros(0)
-    return _atomic_save(tensors, metadata, Path(path))
-
-
-def load_training_state(
-    path: str | os.PathLike, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore the optimiser from ``save_training_state``'s file; returns the loop state."""
-    checkpoint = read_checkpoint(path)
-    if checkpoint.kind != "training-state":
-        raise CheckpointError(path, f"holds a {checkpoint.kind} model, not a training state")
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in checkpoint.tensors.items():
-        if name == "empty":
-            continue
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in checkpoint.config.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
-    groups = checkpoint.config["param_groups"]
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(path, f"does not fit this optimiser: {exc}") from exc
-    return checkpoint.extra

@@ -44,7 +44,6 @@ import torch
 
 from ..inference.dual import SAMPLERS, select_tiles
 from ..jobs import Progress
-from ..models.checkpoint import read_checkpoint
 from ..models.device import resolve_device
 from ..models.dual_attention import DualAttention, DualAttentionConfig
 from ..models.hard_attention import hard_attention_loss
@@ -69,6 +68,7 @@ from .loop import (
     SettingsRecord,
     TrainSummary,
     class_weights,
+    init_settings,
     load_init,
     on_device,
     run_epochs,
@@ -237,7 +237,7 @@ def train_dual(
     """
     settings = settings or DualTrainSettings()
     if init is not None:  # the checkpoint decides the model's shape
-        settings = settings.with_model(read_checkpoint(init, tensors=False).config)
+        settings = init_settings(settings, init)
     classes = cohort.classes
     record = {
         "settings": settings.to_dict(),

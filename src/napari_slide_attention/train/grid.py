@@ -32,7 +32,6 @@ import torch
 
 from ..inference import aggregate
 from ..jobs import Progress
-from ..models.checkpoint import read_checkpoint
 from ..models.device import default_amp, resolve_device
 from ..models.grid_attention import GridAttention, GridAttentionConfig
 from ..slide.reader import Slide, open_slide
@@ -52,6 +51,7 @@ from .loop import (
     TrainSummary,
     adam,
     class_weights,
+    init_settings,
     initialise,
     load_init,
     on_device,
@@ -350,7 +350,7 @@ def train_grid(
     """
     settings = settings or GridTrainSettings()
     if init is not None:  # the checkpoint decides the model's shape
-        settings = settings.with_model(read_checkpoint(init, tensors=False).config)
+        settings = init_settings(settings, init)
     classes = cohort.classes
     record = {
         "settings": settings.to_dict(),

@@ -3,10 +3,14 @@
 ``train_grid`` and ``train_sliding_window`` differ in their data and in what one epoch of
 training and validation does; the rest is here, once:
 
-``RunDirectory``   ``settings.json`` (and the check that a resumed run has the same
-                   settings and classes), resuming from ``last.safetensors`` and
-                   ``training-state.safetensors``, and per epoch the checkpoint,
-                   ``last``/``best`` copies, training state and ``log.csv``/``log.json``
+``RunDirectory``   (``run_directory.py``) ``settings.json`` (and the check that a
+                   resumed run has the same settings and classes), resuming from
+                   ``training-state.safetensors`` (weights, optimiser state, epoch, best
+                   score and log rows: one file, one moment), and per epoch the
+                   checkpoint, ``last``/``best`` copies, training state and
+                   ``log.csv``/``log.json``
+``init_settings``, ``load_init``  ``--init``: the checkpoint's model settings and weights,
+                   checked against the model before they are used
 ``initialise``     pretrained trunk weights, normalisation statistics, BN calibration
 ``run_epochs``     per-epoch random streams and learning rate, the log row, the "epoch"
                    event and the time limit
@@ -17,30 +21,21 @@ training and validation does; the rest is here, once:
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
-import shutil
+import random
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, fields, replace
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from ..jobs import Progress
-from ..models.checkpoint import (
-    CheckpointError,
-    load_training_state,
-    read_checkpoint,
-    save_checkpoint,
-    save_training_state,
-)
+from ..models.checkpoint import CheckpointError, check_fits, model_config, read_checkpoint
 from ..models.preact_resnet import WeightsReport, load_weights
 from ..slide.sampling import tissue_statistics
+from .run_directory import RunDirectory, TrainSummary, restore_normalisation
 
 __all__ = [
     "RunDirectory",
@@ -48,6 +43,7 @@ __all__ = [
     "TrainSummary",
     "adam",
     "class_weights",
+    "init_settings",
     "initialise",
     "load_init",
     "on_device",
@@ -166,18 +162,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@dataclass
-class TrainSummary:
-    """What a training run produced."""
-
-    run_dir: Path
-    best: Path | None
-    last: Path | None
-    epochs_done: int
-    log: list[dict[str, Any]] = field(default_factory=list)
-    stopped_early: bool = False
-
-
 class _Settings(Protocol):
     """The settings ``run_epochs`` and ``initialise`` read (both trainers' have them)."""
 
@@ -194,199 +178,20 @@ class _Settings(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-class RunDirectory:
-    """A training run's directory: settings record, checkpoints, training state and log.
+def init_settings(settings: _S, init: str | os.PathLike) -> _S:
+    """``settings`` with the model settings of the ``--init`` checkpoint
+    (``SettingsRecord.with_model``), its header checked first.
 
-    Creating one creates the directory, decides whether the run resumes and writes
-    ``settings.json``. ``restore`` then loads a resumed run's model, optimiser state and
-    log; ``save_epoch`` writes what an epoch leaves behind.
-
-    Attributes:
-        path: the directory.
-        settings_file, state_file, last, best: ``settings.json``,
-            ``training-state.safetensors``, ``last.safetensors``, ``best.safetensors``.
-        resuming: a run found in the directory continues.
-        log: the log rows so far (one per epoch).
-        start_epoch: the first epoch still to train.
-        best_score: the best epoch's score so far (what ``validate`` scored, e.g. the
-            validation mean F1 or minus the validation loss; minus the training loss
-            without validation).
+    Raises:
+        CheckpointError: the checkpoint cannot be read, its config is damaged, or a model
+            setting given here disagrees with it (naming the file and the setting).
     """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        record: dict[str, Any],
-        *,
-        resume: bool,
-        need_last: bool = False,
-        settings_type: type[SettingsRecord] | None = None,
-    ) -> None:
-        """Open (create) a run directory and write its settings record.
-
-        Args:
-            path: the directory.
-            record: what ``settings.json`` holds; its "settings" and "classes" must equal
-                a resumed run's.
-            resume: continue a run found in the directory (training state and settings
-                present).
-            need_last: resume only when ``last.safetensors`` is there too.
-            settings_type: the settings' class: a resumed run's record is read through
-                its ``from_dict``, so a run written before a settings change that keeps
-                its meaning (model settings nested under ``model``) still resumes.
-
-        Raises:
-            ValueError: resuming a run with other settings or classes.
-        """
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.settings_file = self.path / "settings.json"
-        self.state_file = self.path / "training-state.safetensors"
-        self.last = self.path / "last.safetensors"
-        self.best = self.path / "best.safetensors"
-        self.resuming = (
-            resume
-            and self.state_file.exists()
-            and self.settings_file.exists()
-            and (self.last.exists() or not need_last)
-        )
-        if self.resuming:
-            previous = json.loads(self.settings_file.read_text())
-            settings = previous.get("settings")
-            if settings_type is not None and isinstance(settings, dict):
-                try:
-                    settings = settings_type.from_dict(settings).to_dict()
-                except (ValueError, TypeError) as exc:
-                    raise ValueError(
-                        f"{self.path}: holds a run whose settings this version cannot read "
-                        f"({exc}); pass --no-resume to start over there, or choose another "
-                        "--out"
-                    ) from exc
-            same = settings == record["settings"]
-            if not same or previous.get("classes") != list(record["classes"]):
-                raise ValueError(
-                    f"{self.path}: holds a run with other settings or classes; resume it "
-                    "with the same settings, or choose another --out (or pass --no-resume "
-                    "to start over)"
-                )
-        self.settings_file.write_text(json.dumps(record, indent=1))
-        self.log: list[dict[str, Any]] = []
-        self.start_epoch = 0
-        self.best_score = -math.inf
-
-    def restore(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int
-    ) -> Generator[Progress, None, None]:
-        """When resuming: the last checkpoint's weights and normalisation into ``model``,
-        the optimiser state, the epoch to start at, the best score and the earlier log
-        rows. Nothing when not resuming.
-
-        Args:
-            model: the model (with ``set_normalisation``).
-            optimizer: its optimiser.
-            epochs: the run's epochs (for the event).
-
-        Yields:
-            Progress: "resume" once, when resuming.
-        """
-        if not self.resuming:
-            return
-        state = load_training_state(self.state_file, optimizer)
-        previous = read_checkpoint(self.last)
-        model.load_state_dict(previous.tensors, strict=True)
-        _restore_normalisation(model, previous.config)
-        self.start_epoch = int(state["epoch"]) + 1
-        self.best_score = float(state.get("best_score", -math.inf))
-        log_file = self.path / "log.json"
-        if log_file.exists():
-            rows = json.loads(log_file.read_text())
-            self.log = [r for r in rows if r["epoch"] < self.start_epoch]
-        yield Progress(
-            "resume", self.start_epoch, epochs, f"resuming after epoch {self.start_epoch}"
-        )
-
-    def save_epoch(
-        self,
-        epoch: int,
-        row: dict[str, Any],
-        score: float,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        extra: dict[str, Any],
-    ) -> Path:
-        """Log an epoch and write its checkpoint, ``last``, ``best`` (when ``score`` beats
-        the best so far), the training state and the log files.
-
-        Args:
-            epoch: the epoch (from 0).
-            row: its log row.
-            score: its score (higher is better).
-            model: the model (with a ``config`` that has ``kind`` and ``to_dict``).
-            optimizer: its optimiser.
-            extra: the checkpoint's extras, to which the epoch and the row's scalar
-                metrics are added.
-
-        Returns:
-            The epoch's checkpoint.
-        """
-        self.log.append(row)
-        extra = {
-            **extra,
-            "epoch": epoch,
-            "metrics": {k: v for k, v in row.items() if not isinstance(v, dict)},
-        }
-        config = model.config
-        path = save_checkpoint(
-            self.path / "checkpoints" / f"epoch-{epoch + 1:04d}.safetensors",
-            config.kind,
-            config.to_dict(),
-            model.state_dict(),
-            extra,
-        )
-        _replace_copy(path, self.last)
-        if score > self.best_score:
-            self.best_score = score
-            _replace_copy(path, self.best)
-        save_training_state(
-            self.state_file, optimizer, {"epoch": epoch, "best_score": self.best_score}
-        )
-        _write_log(self.path, self.log)
-        return path
-
-    def checkpoint_extra(
-        self, cohort: str | None, settings: _Settings, report: WeightsReport | None
-    ) -> dict[str, Any]:
-        """The extras every checkpoint of the run carries: cohort, settings and, where
-        pretrained weights were loaded, what was loaded."""
-        extra: dict[str, Any] = {"cohort": cohort, "settings": settings.to_dict()}
-        if report is not None:
-            extra["weights"] = {
-                "path": report.path,
-                "loaded": len(report.loaded),
-                "missing": len(report.missing),
-            }
-        return extra
-
-    def summary(self, stopped_early: bool) -> TrainSummary:
-        """The run's summary (best and last checkpoints where they exist)."""
-        return TrainSummary(
-            self.path,
-            self.best if self.best.exists() else None,
-            self.last if self.last.exists() else None,
-            (self.log[-1]["epoch"] + 1) if self.log else self.start_epoch,
-            self.log,
-            stopped_early,
-        )
-
-
-def _restore_normalisation(model: torch.nn.Module, config: dict[str, Any]) -> None:
-    """A checkpoint config's normalisation into ``model`` (its weights already loaded)."""
-    mean, std = config.get("mean"), config.get("std")
-    if mean is None and isinstance(config.get("hard"), dict):
-        # the dual model keeps its normalisation with its hard-attention part
-        mean, std = config["hard"].get("mean"), config["hard"].get("std")
-    if mean is not None:
-        model.set_normalisation(mean, std)
+    header = read_checkpoint(init, tensors=False)
+    model_config(header)
+    try:
+        return settings.with_model(header.config)
+    except ValueError as exc:
+        raise CheckpointError(init, str(exc)) from None
 
 
 def load_init(
@@ -395,13 +200,17 @@ def load_init(
     """Start ``model`` from a checkpoint (fine-tuning): its weights and normalisation.
 
     Raises:
-        CheckpointError: the checkpoint holds another kind of model or other classes.
+        CheckpointError: the checkpoint holds another kind of model or other classes, a
+            damaged config, or weights that do not fit ``model`` (naming the tensor and
+            the settings behind its shape).
     """
-    base = read_checkpoint(init)
+    base = read_checkpoint(init, tensors=False)
     if base.kind != kind or tuple(base.config.get("classes", ())) != tuple(classes):
         raise CheckpointError(init, f"is not a {kind} model for this cohort's classes")
-    model.load_state_dict(base.tensors, strict=True)
-    _restore_normalisation(model, base.config)
+    model_config(base)  # every setting of its type and in range
+    check_fits(base, model.state_dict())
+    model.load_state_dict(read_checkpoint(init).tensors, strict=True)
+    restore_normalisation(model, base.config)
 
 
 def initialise(
@@ -494,8 +303,9 @@ def run_epochs(
 ) -> Generator[Progress, None, bool]:
     """Train from ``run.start_epoch`` to ``settings.epochs``, saving every epoch.
 
-    Each epoch draws from its own random streams (numpy ``[seed, epoch]``, torch
-    ``seed * 100003 + epoch``), so a resumed run draws what the uninterrupted one would,
+    Each epoch draws from its own random streams (numpy ``[seed, epoch]``, torch and
+    Python's ``random`` ``seed * 100003 + epoch``), so a resumed run draws what the
+    uninterrupted one would,
     and sets the schedule's learning rate. Its log row holds "epoch", "lr", what
     ``train_epoch`` returned, "seconds" (training time) and what ``validate`` returned.
 
@@ -526,7 +336,8 @@ def run_epochs(
         t_epoch = time.perf_counter()
         # per-epoch random streams, so a resumed run draws what the uninterrupted one would
         rng = np.random.default_rng([settings.seed, epoch])
-        torch.manual_seed(settings.seed * 100_003 + epoch)
+        torch.manual_seed(settings.seed * 100_003 + epoch)  # CPU and CUDA
+        random.seed(settings.seed * 100_003 + epoch)
         lr = settings.learning_rate(epoch)
         for group in optimizer.param_groups:
             # a group may run at a fixed multiple of the schedule (the dual model's parts)
@@ -558,29 +369,6 @@ def run_epochs(
         if settings.max_hours and (time.perf_counter() - t_start) / 3600 > settings.max_hours:
             return True
     return False
-
-
-def _write_log(run_dir: Path, log: list[dict[str, Any]]) -> None:
-    """``log.json`` and ``log.csv`` (scalar columns, in order of appearance), atomically."""
-    tmp = run_dir / "log.json.tmp"
-    tmp.write_text(json.dumps(log, indent=1))
-    os.replace(tmp, run_dir / "log.json")
-    keys: list[str] = []
-    for row in log:
-        keys += [k for k in row if k not in keys and not isinstance(row[k], dict | list)]
-    tmp = run_dir / "log.csv.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(log)
-    os.replace(tmp, run_dir / "log.csv")
-
-
-def _replace_copy(source: Path, target: Path) -> None:
-    """Copy ``source`` over ``target`` atomically."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 def _agrees(mine: Any, theirs: Any) -> bool:
