@@ -14,12 +14,11 @@ __all__ = ["cmd_labels_export", "cmd_labels_import", "cmd_labels_show"]
 
 
 def _existing_store(path: str):
-    """The label store at ``path``; a missing file is an error, not a new store."""
-    from ..labels import LabelStore, LabelStoreError
+    """The label store at ``path``, read-only: showing or exporting never creates,
+    migrates or writes a store (a missing or empty file is an error, in one line)."""
+    from ..labels import LabelStore
 
-    if not Path(path).is_file():
-        raise LabelStoreError(path, "no such label store")
-    return LabelStore(path)
+    return LabelStore(path, read_only=True)
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
@@ -39,22 +38,24 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
 def cmd_labels_import(args: argparse.Namespace) -> int:
     """Adds the regions of a GeoJSON file to a label store; returns the exit status."""
 
-    from ..labels import LabelStore
+    from ..labels import SCHEMA_VERSION, LabelStore
+    from ..labels.exchange import read_geojson
 
     store_path = Path(args.store)
-    created = not store_path.exists()
-    try:
-        with (
-            LabelStore(store_path, author=args.author) as store,
-            warnings.catch_warnings(record=True) as caught,
-        ):
-            warnings.simplefilter("always")
-            n = store.import_geojson(args.geojson, args.slide)
-    except BaseException:
-        if created:  # a failed import leaves no empty store behind
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{store_path}{suffix}").unlink(missing_ok=True)
-        raise
+    # a file that is not GeoJSON is refused before a new store is made for it
+    read_geojson(Path(args.geojson))
+    with (
+        LabelStore(store_path, author=args.author) as store,
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        if store.backup is not None:
+            print(
+                f"slide-attention: note: {store_path}: label store upgraded to schema "
+                f"version {SCHEMA_VERSION}; the file as it was is kept as {store.backup}",
+                file=sys.stderr,
+            )
+        warnings.simplefilter("always")
+        n = store.import_geojson(args.geojson, args.slide)
     for warning in caught:
         print(f"slide-attention: warning: {warning.message}", file=sys.stderr)
     if not Path(args.slide).exists():
