@@ -58,7 +58,7 @@ def test_errors_exit_non_zero_with_one_readable_line(tmp_path):
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("slide-attention: error: ") and "broken.svs" in lines[0]
@@ -76,7 +76,7 @@ def test_errors_exit_non_zero_with_one_readable_line(tmp_path):
         text=True,
         timeout=60,
     )
-    assert missing.returncode == 1 and "no such file" in missing.stderr
+    assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
 def test_synth_then_info_then_tissue(tmp_path, capsys):
@@ -105,7 +105,7 @@ def test_synth_then_info_then_tissue(tmp_path, capsys):
 
 def test_synth_rejects_an_unknown_label(tmp_path, capsys):
     assert (
-        main(["synth", str(tmp_path / "x.tif"), "--size", "1024", "1024", "--label", "banana"]) == 1
+        main(["synth", str(tmp_path / "x.tif"), "--size", "1024", "1024", "--label", "banana"]) == 2
     )
     assert "banana" in capsys.readouterr().err
 
@@ -193,13 +193,13 @@ def test_cli_model_errors_are_one_line(tmp_path, capsys, tiny_cohort):
                 str(tmp_path / "o"),
             ]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert err.startswith("slide-attention: error:") and str(missing) in err
     assert (
         main(["train", "grid", "--cohort", str(tmp_path / "no.csv"), "--out", str(tmp_path / "r")])
-        == 1
+        == 2
     )
     assert "no such cohort file" in capsys.readouterr().err
     assert (
@@ -215,7 +215,7 @@ def test_cli_model_errors_are_one_line(tmp_path, capsys, tiny_cohort):
                 "colour=red",
             ]
         )
-        == 1
+        == 2
     )
     assert "unknown setting" in capsys.readouterr().err
 
@@ -261,14 +261,14 @@ def test_cli_labels_show_export_import(tmp_path, capsys):
 
 def test_cli_labels_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "none.labels.sqlite"
-    assert main(["labels", "show", "--store", str(missing)]) == 1
+    assert main(["labels", "show", "--store", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slide-attention: error:") and str(missing) in err
     assert not missing.exists()  # showing does not create a store
     bad = tmp_path / "bad.geojson"
     bad.write_text("{not json")
     args = ["labels", "import", "--store", str(tmp_path / "c.labels.sqlite"), "--geojson"]
-    assert main([*args, str(bad), "--slide", "a.tif"]) == 1
+    assert main([*args, str(bad), "--slide", "a.tif"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "not valid JSON" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.glob("c.labels.sqlite*")) == []  # no empty store left behind
@@ -323,7 +323,7 @@ def test_cli_train_with_labels_prints_json_events(tiny_cohort, tmp_path, capsys)
     entry = tiny_cohort.entries[0]
     db = tmp_path / "c.labels.sqlite"
     args = ["train", "grid", "--cohort", str(tiny_cohort.path), "--out", str(tmp_path / "run")]
-    assert main([*args, "--labels", str(db), "--events", *TINY_TRAIN]) == 1
+    assert main([*args, "--labels", str(db), "--events", *TINY_TRAIN]) == 2
     assert "no such label store" in capsys.readouterr().err and not db.exists()
     with LabelStore(db) as store:
         store.set_slide_label(entry.slide, tiny_cohort.classes[-1])
@@ -475,10 +475,10 @@ def test_cli_train_and_evaluate_folds(tiny_cohort, tmp_path, capsys):
     text = first.read_text()
     first.write_text(second.read_text())
     second.write_text(text)
-    assert main([*evaluate, "--model", str(other), "--device", "cpu"]) == 1
+    assert main([*evaluate, "--model", str(other), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "its folds differ" in err and len(err.strip().splitlines()) == 1
-    assert main([*evaluate[:-1], "3", "--device", "cpu"]) == 1
+    assert main([*evaluate[:-1], "3", "--device", "cpu"]) == 2
     assert "not a run of `train --folds 3`" in capsys.readouterr().err
 
 
@@ -555,8 +555,8 @@ def test_cli_evaluate_her2_points(tiny_cohort, tiny_grid_model, tmp_path, capsys
 
     # classes that are not HER2 scores, or weights alone, are refused at once
     other = ["evaluate", "--model", str(tiny_grid_model), "--cohort", str(tiny_cohort.path)]
-    assert main([*other, "--her2-points", str(points)]) == 1
+    assert main([*other, "--her2-points", str(points)]) == 2
     err = capsys.readouterr().err
     assert "HER2 scores" in err and "carcinoma" in err and len(err.strip().splitlines()) == 1
-    assert main([*other, "--her2-weights", str(weights)]) == 1
+    assert main([*other, "--her2-weights", str(weights)]) == 2
     assert "--her2-weights goes with --her2-points" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def test_synth_cohort_writes_the_four_her2_scores(tmp_path, capsys):
     assert (out / "test-3-3+-000.tif").stat().st_mtime_ns == first
     # Other settings in the same folder are refused in one line.
     capsys.readouterr()
-    assert main([*args, "--size", "1024", "1024", "--seed", "3"]) == 1
+    assert main([*args, "--size", "1024", "1024", "--seed", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "size" in err[0]
 
@@ -74,7 +74,7 @@ def test_a_bad_stain_is_one_clear_line(tmp_path, capsys):
         ["synth", str(tmp_path / "x.tif"), "--stain", "ki67"],
         ["synth-cohort", str(tmp_path / "c"), "--stain", "ki67"],
     ):
-        assert main(command) == 1
+        assert main(command) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [
             "slide-attention: error: unknown stain 'ki67'; expected one of he, her2, mmr"
@@ -83,6 +83,6 @@ def test_a_bad_stain_is_one_clear_line(tmp_path, capsys):
 
 
 def test_a_bad_per_class_is_one_clear_line(tmp_path, capsys):
-    assert main(["synth-cohort", str(tmp_path / "c"), "--per-class", "train"]) == 1
+    assert main(["synth-cohort", str(tmp_path / "c"), "--per-class", "train"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SPLIT=N" in err[0]

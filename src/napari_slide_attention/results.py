@@ -44,6 +44,7 @@ __all__ = [
     "RESULT_FORMAT_VERSION",
     "PieceResult",
     "ResultError",
+    "check_result_target",
     "SlideResult",
     "is_result_directory",
 ]
@@ -754,6 +755,26 @@ def is_result_directory(path: str | os.PathLike[str]) -> bool:
     except (OSError, UnicodeDecodeError, ValueError, TypeError):
         return False
     return isinstance(meta, dict) and meta.get("format") == RESULT_FORMAT_NAME
+
+
+def check_result_target(directory: str | os.PathLike[str]) -> Path:
+    """Returns the result directory after checking, before any work, that ``save`` can
+    write there: absent, empty or a result, under a folder that exists or can be made
+    and that this user may write in.
+
+    Raises:
+        ResultError: the reason a result could not be saved there.
+    """
+    target = Path(directory)
+    _check_replaceable(target)
+    parent = target.absolute().parent
+    while not parent.exists() and parent != parent.parent:  # the first folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ResultError(target, f"cannot be made: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ResultError(target, f"cannot be written: no permission to write in {parent}")
+    return target
 
 
 def _check_replaceable(target: Path) -> None:

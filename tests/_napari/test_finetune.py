@@ -352,8 +352,8 @@ def test_a_failing_training_reports_its_stderr(tmp_path, tiny_grid_model):
     events: list[dict] = []
     outcome = run_to_end(fine_tune(request, ProcessJob()), events.append)
     assert events[0]["stage"] == "launch" and events[0]["data"]["command"] == request.command()
-    assert outcome.status == "failed" and outcome.returncode == 1
-    assert "exit status 1" in outcome.error and "no such cohort file" in outcome.error
+    assert outcome.status == "failed" and outcome.returncode == 2
+    assert "exit status 2" in outcome.error and "no such cohort file" in outcome.error
     assert outcome.log == tmp_path / "ft" / "train.log" and outcome.log.is_file()
     assert outcome.best is None and outcome.evaluation == []
 
@@ -505,7 +505,7 @@ def test_a_crashing_run_shows_its_error_and_the_viewer_goes_on(
     panel.start()
     qtbot.waitUntil(lambda: not panel.running, timeout=120_000)
     outcome = panel.outcome
-    assert outcome.status == "failed" and outcome.returncode == 1
+    assert outcome.status == "failed" and outcome.returncode == 2
     assert panel.error.isVisibleTo(panel)
     assert "no such cohort file" in panel.error.toPlainText()
     assert str(tmp_path / "ft" / "train.log") in panel.error.toPlainText()

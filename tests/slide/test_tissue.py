@@ -557,6 +557,12 @@ def test_tissue_mask_on_grey_and_multichannel_slides(slide_image):
         {"min_saturation": 1.5},
         {"white_level": 0.1, "black_level": 0.2},
         {"glass_sigmas": -1},
+        # sizes that would cost minutes or memory without finding more tissue
+        {"mask_mpp": 1e-6},
+        {"closing_radius_um": 1e9},
+        {"smooth_sigma_um": 5000},
+        {"max_mask_side": 10**9},
+        {"assumed_mpp": 1e9},
     ],
 )
 def test_params_validation(kwargs):

@@ -1,7 +1,9 @@
 """The ``slide-attention`` command line: everything the GUI does, headless.
 
-Errors end the command with a non-zero status and one readable line on stderr
-(``slide-attention: error: PATH: problem``); ``--debug`` shows the traceback.
+Errors end the command with one readable line on stderr and a non-zero status: bad
+input (a file that cannot be read, an option out of range) exits 2 with
+``slide-attention: error: PATH: problem``; a failure the tool did not foresee exits 1
+with ``slide-attention: internal error: ...``; ``--debug`` shows the traceback.
 
 Modules: ``parser`` (every subcommand and the shared option groups), ``driver`` (runs
 a job with the progress or JSON-lines printer; SIGINT/SIGTERM stop it), and the
@@ -15,8 +17,8 @@ import sys
 from collections.abc import Sequence
 
 from ..jobs import Stopped
-from .driver import EXIT_ERROR, EXIT_STOPPED, EventPrinter
-from .parser import build_parser
+from .driver import EXIT_ERROR, EXIT_INTERNAL, EXIT_STOPPED, EventPrinter
+from .parser import build_parser, check_options
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..slide.reader import SlideError
 
     try:
+        check_options(args)
         return int(args.func(args) or 0)
     except (SlideError, ValueError, OSError) as exc:
         if args.debug:
@@ -39,3 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Stopped):
         print("slide-attention: interrupted", file=sys.stderr)
         return EXIT_STOPPED
+    except Exception as exc:  # a bug: still one line, never a wall of traceback
+        if args.debug:
+            raise
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        if getattr(args, "events", False):
+            EventPrinter.emit("error", message=f"internal error: {message}")
+        print(
+            f"slide-attention: internal error: {message} (please report it; --debug shows "
+            "the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

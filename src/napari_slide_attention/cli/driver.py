@@ -23,6 +23,7 @@ from ..jobs import Job, Progress
 
 __all__ = [
     "EXIT_ERROR",
+    "EXIT_INTERNAL",
     "EXIT_STOPPED",
     "EXIT_USAGE",
     "EventPrinter",
@@ -34,8 +35,12 @@ __all__ = [
 
 T = TypeVar("T")
 
-EXIT_ERROR = 1
+# Bad input (a file that cannot be read, an option out of range): the user can fix it,
+# as with a usage error, so both exit 2 with one line naming the file or option.
+EXIT_ERROR = 2
 EXIT_USAGE = 2
+# A failure the tool did not foresee (a bug): one line too, the traceback with --debug.
+EXIT_INTERNAL = 1
 EXIT_STOPPED = 130  # what shells report for a command ended by Ctrl-C (128 + SIGINT)
 
 # Stages that come many times a second: a live line on a terminal, nothing otherwise.

@@ -330,6 +330,9 @@ def _trained_folds(args: argparse.Namespace, summaries: list, events: EventPrint
 # -- predict -----------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
     """Runs a model on a slide and saves the result; returns the exit status."""
+    from ..results import check_result_target
+
+    check_result_target(args.out)  # now, not after the whole inference run
     from ..inference import predict
 
     slide = open_slide(args.slide, args.mpp)

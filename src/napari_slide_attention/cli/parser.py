@@ -8,10 +8,12 @@ the parser only names them, so that ``--help`` imports no torch.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 
 from .. import __version__
 
-__all__ = ["add_tissue_options", "build_parser", "tissue_params"]
+__all__ = ["add_tissue_options", "build_parser", "check_options", "tissue_params"]
 
 _TISSUE_OPTIONS = (
     "method",
@@ -75,6 +77,33 @@ def tissue_params(args: argparse.Namespace):
         return TissueParams(**overrides)
     except TypeError as exc:  # a value of the wrong type
         raise ValueError(f"tissue parameters: {exc}") from exc
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuses option values no work could use, before any work (and before torch loads):
+    pixel sizes outside what a microscope gives, a device this tool does not run on, tissue
+    parameters out of their bounds.
+
+    Raises:
+        ValueError: one line naming the option and the value.
+    """
+    from ..slide.tissue import MAX_MPP, MIN_MPP
+
+    for name in ("mpp", "slide_mpp"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and MIN_MPP <= value <= MAX_MPP):
+            raise ValueError(
+                f"--{name.replace('_', '-')} {value:g}: a slide's pixel size is "
+                f"{MIN_MPP:g} to {MAX_MPP:g} µm/px (0.25 at 40x, 0.5 at 20x)"
+            )
+    device = getattr(args, "device", None)
+    if device is not None and not _DEVICE.fullmatch(str(device)):
+        raise ValueError(f"--device {device}: this tool runs on auto, cpu or cuda[:N]")
+    if any(hasattr(args, name) for name in _TISSUE_OPTIONS):
+        tissue_params(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

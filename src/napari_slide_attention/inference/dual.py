@@ -263,6 +263,7 @@ def predict_dual(
     run = load_model_for_inference(model, device, amp, "dual-attention")
     model, config = run.model, run.config
     with opened(slide, mpp) as slide:
+        tile_px = tile_edge_px(slide, config.tile_um)  # a wrong mpp fails here, not later
         timings = {}
         t0 = time.perf_counter()
         yield Progress("tissue", 0, 1, f"finding tissue in {Path(slide.path).name}")
@@ -274,7 +275,6 @@ def predict_dual(
         timings["view"] = time.perf_counter() - t0
         yield Progress("tissue", 1, 1, f"view {view.shape[1]}x{view.shape[0]} px")
         t0 = time.perf_counter()
-        tile_px = tile_edge_px(slide, config.tile_um)
         chosen = select_tiles(
             model,
             view,

@@ -149,6 +149,10 @@ def piece_label(
     return max(found, key=lambda c: rank[c]) if found else default
 
 
+# A tile's edge in level-0 px, from its µm and the slide's mpp, must lie in these bounds.
+MIN_TILE_PX, MAX_TILE_PX = 8, 16384
+
+
 def tile_edge_px(slide: Slide, tile_um: float) -> int:
     """The tile edge in level-0 px for a tile of ``tile_um`` micrometres on this slide."""
     mpp = slide.mpp
@@ -157,7 +161,16 @@ def tile_edge_px(slide: Slide, tile_um: float) -> int:
             f"{slide.path}: the slide has no pixel size (mpp); give one with --mpp so that "
             f"tiles of {tile_um} µm can be cut"
         )
-    return max(8, round(tile_um / ((mpp[0] + mpp[1]) / 2)))
+    edge = tile_um / ((mpp[0] + mpp[1]) / 2)
+    if not MIN_TILE_PX <= edge <= MAX_TILE_PX:
+        # A wrong pixel size (an --mpp typo, a scanner's bad metadata) would otherwise cut
+        # millions of tiles of a few pixels, or one tile larger than any slide.
+        raise ValueError(
+            f"{slide.path}: at {mpp[0]:g} µm/px a tile of {tile_um:g} µm is {edge:.3g} px; "
+            f"tiles must be {MIN_TILE_PX} to {MAX_TILE_PX} px (is the pixel size right? "
+            "--mpp sets it)"
+        )
+    return round(edge)
 
 
 def read_level_for(slide: Slide, tile_px: int, input_px: int) -> int:

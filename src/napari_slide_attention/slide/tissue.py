@@ -68,6 +68,13 @@ class SlideLike(Protocol):
     def level_for(self, mpp: float | None = None, downsample: float | None = None) -> int: ...
 
 
+# Plausible level-0 pixel sizes of a slide scanner, µm/px (40x is about 0.25, a macro
+# image about 10-20): an --mpp or an assumed mpp outside this is a typo.
+MIN_MPP, MAX_MPP = 0.01, 100.0
+MIN_MASK_MPP = 1.0
+MAX_FILTER_UM = 1000.0
+
+
 @dataclass(frozen=True)
 class TissueParams:
     """Parameters of tissue detection; the defaults suit H&E and IHC scanned at 20x or 40x.
@@ -143,10 +150,27 @@ class TissueParams:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         for name in ("mask_mpp", "assumed_mpp"):
             _check_positive(name, getattr(self, name))
+        # Bounds on what sets the mask's cost: a mask finer than 1 µm/px, or larger than
+        # 16384 px, or filters wider than a millimetre take minutes and find no more
+        # tissue than the defaults (--mask-mpp 1e-6 ran for minutes before this check).
+        if self.mask_mpp < MIN_MASK_MPP:
+            raise ValueError(
+                f"mask_mpp must be at least {MIN_MASK_MPP:g} µm/px (a finer tissue mask costs "
+                f"minutes and finds no more tissue), got {self.mask_mpp:g}"
+            )
+        if not MIN_MPP <= self.assumed_mpp <= MAX_MPP:
+            raise ValueError(
+                f"assumed_mpp must be a microscope's pixel size, {MIN_MPP:g} to {MAX_MPP:g} "
+                f"µm/px, got {self.assumed_mpp:g}"
+            )
         if not (math.isfinite(self.mask_downsample) and self.mask_downsample >= 1):
             raise ValueError(f"mask_downsample must be >= 1, got {self.mask_downsample}")
-        if int(self.max_mask_side) != self.max_mask_side or self.max_mask_side < 1:
-            raise ValueError(f"max_mask_side must be a positive integer, got {self.max_mask_side}")
+        if not (
+            int(self.max_mask_side) == self.max_mask_side and 1 <= self.max_mask_side <= 16384
+        ):
+            raise ValueError(
+                f"max_mask_side must be an integer from 1 to 16384, got {self.max_mask_side}"
+            )
         if self.glass_sigmas is not None and not (
             math.isfinite(self.glass_sigmas) and self.glass_sigmas >= 0
         ):
@@ -162,6 +186,13 @@ class TissueParams:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("smooth_sigma_um", "closing_radius_um", "opening_radius_um"):
+            value = getattr(self, name)
+            if value > MAX_FILTER_UM:
+                raise ValueError(
+                    f"{name} must be at most {MAX_FILTER_UM:g} µm (a filter wider than a "
+                    f"millimetre blurs whole tissue pieces together), got {value:g}"
+                )
         for name in ("min_saturation", "white_level", "black_level"):
             value = getattr(self, name)
             if not 0 <= value <= 1:

@@ -57,9 +57,14 @@ def check_classes(classes: Any) -> tuple[str, ...]:
 
 def check_label(label: Any, classes: tuple[str, ...]) -> int:
     if isinstance(label, str):
-        if label not in classes:
-            raise ValueError(f"unknown label {label!r}; expected one of {list(classes)}")
-        return classes.index(label)
+        if label not in classes and label.strip().isdigit():  # "0" from a command line
+            label = int(label)
+        elif label not in classes:
+            raise ValueError(
+                f"unknown label {label!r}; expected a class name {list(classes)} or its index"
+            )
+        else:
+            return classes.index(label)
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
         raise ValueError(f"label must be a class name or index, got {label!r}")
     if not 0 <= label < len(classes):
