@@ -120,7 +120,7 @@ def _labelled_cohort(args: argparse.Namespace, cohort, events: EventPrinter | No
     if not path.is_file():
         # opening would create an empty store: a typo must not train on the cohort's labels
         raise LabelStoreError(path, "no such label store")
-    with LabelStore(path) as store:
+    with LabelStore(path, read_only=True) as store:  # reading labels never migrates a store
         cohort, applied = apply_labels_with_summary(cohort, store)
     message = f"labels from {path}: {applied.summary()}"
     if events is not None:
