@@ -17,7 +17,9 @@ Storage is a directory::
 
 where ``<i>`` is the piece's position in ``SlideResult.pieces`` (its ``index`` is in the
 JSON). ``save`` writes into a temporary sibling directory and renames it into place, so
-an interrupted save never leaves a half-written result where a complete one was.
+an interrupted save never leaves a half-written result where a complete one was (a save
+killed between the two renames that replace a result leaves the old one aside, and the
+next ``save`` or ``load`` puts it back).
 
 Coordinates are level-0 pixels, ``x``/``y`` = column/row, as everywhere in this package.
 """
@@ -30,7 +32,6 @@ import numbers
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -576,10 +577,11 @@ class SlideResult:
                 is not a result.
         """
         target = Path(directory)
+        _recover(target)
         _check_replaceable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         # A sibling, so the final rename stays on one filesystem and is atomic.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = _temp_dir(target)
         try:
             self._write(tmp)
             _move_into_place(tmp, target)
@@ -618,6 +620,7 @@ class SlideResult:
                 was written by a newer format version, or describes an inconsistent result.
         """
         directory = Path(directory)
+        _recover(directory)
         if not directory.is_dir():
             problem = "is not a directory" if directory.exists() else "does not exist"
             raise ResultError(directory, f"result directory {problem}")
@@ -790,8 +793,50 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
+def _temp_dir(target: Path) -> Path:
+    """A new empty hidden sibling of ``target`` for ``save`` to write into, created as a
+    plain ``mkdir`` would (``tempfile.mkdtemp`` gives 0700, and the renamed result would
+    be unreadable to the group and others where every other folder is not)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _set_aside(target: Path) -> list[Path]:
+    """Earlier results of ``target`` that ``_move_into_place`` moved aside, newest first."""
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}.old-"
+    found = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _recover(target: Path) -> None:
+    """Undo what a save killed between its two renames left: with no result at
+    ``target``, the newest result moved aside goes back there; with one, results moved
+    aside (a save killed before deleting them) are deleted."""
+    aside = _set_aside(target)
+    if not aside:
+        return
+    if not target.exists() and not target.is_symlink() and _is_result_dir(aside[0]):
+        os.replace(aside.pop(0), target)
+    if target.is_dir():
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Renames the complete result ``tmp`` to ``target``, replacing a result there."""
+    """Renames the complete result ``tmp`` to ``target``, replacing a result there.
+
+    Replacing takes two renames (a directory cannot be renamed over a non-empty one): the
+    old result is moved aside, the new one takes its place, the old one is deleted. A
+    kill between the renames leaves the old result aside, where ``_recover`` (at the next
+    ``save`` or ``load``) finds it and puts it back.
+    """
     _check_replaceable(target)  # again: it may have changed while the arrays were written
     if not target.exists():
         os.replace(tmp, target)

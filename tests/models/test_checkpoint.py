@@ -406,3 +406,26 @@ def test_training_state_keeps_plain_number_state(tmp_path):
     assert {k: (v["visits"], v["scale"]) for k, v in got.items()} == {i: (2, 1.0) for i in range(4)}
     for index, values in optimizer.state_dict()["state"].items():
         assert torch.equal(got[index]["momentum_buffer"], values["momentum_buffer"])
+
+
+# -- files --------------------------------------------------------------------------------
+def test_checkpoints_and_their_copies_get_the_mode_of_an_ordinary_file(tmp_path):
+    from napari_slide_attention.models.checkpoint import atomic_copy, atomic_write_text
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    path = _small_file(tmp_path)
+    copy = atomic_copy(path, tmp_path / "copy.safetensors")
+    text = atomic_write_text(tmp_path / "log.json", "[]")
+    _, optimizer = _adam(_Toy())
+    state = save_training_state(tmp_path / "state.safetensors", optimizer, {"epoch": 0})
+    modes = {p.stat().st_mode & 0o777 for p in (path, copy, text, state)}
+    assert modes == {plain.stat().st_mode & 0o777}
+    assert copy.read_bytes() == path.read_bytes() and text.read_text() == "[]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy.safetensors",
+        "log.json",
+        "plain",
+        "small.safetensors",
+        "state.safetensors",
+    ]

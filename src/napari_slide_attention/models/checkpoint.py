@@ -135,6 +135,7 @@ def _commit(tmp: Path, path: Path) -> None:
 def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
+    mode = tmp.stat().st_mode & 0o777
     try:
         # safetensors wants contiguous tensors that share no memory
         save_file(
@@ -142,6 +143,7 @@ def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], 
             str(tmp),
             metadata=metadata,
         )
+        os.chmod(tmp, mode)  # safetensors writes its file anew, as 0600
         _commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -377,6 +379,9 @@ def _settings_sized(config: Any, size: int, where: str = "") -> list[str]:
     """The (nested) settings of a JSON config whose value is, or lists, ``size``."""
     found = []
     if isinstance(config, dict):
+        classes = config.get("classes")
+        if isinstance(classes, list) and len(classes) == size:
+            found.append(f"classes: {size} names")
         for key, value in config.items():
             if key in ("mean", "std", "classes", "risk_order", "thresholds", "min_counts"):
                 continue
