@@ -294,3 +294,130 @@ def write_fluorescence(path, channels: int = 3, *, mpp=0.65) -> np.ndarray:
         metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp},
     )
     return data
+
+
+# -- raw TIFF files, tag by tag, for damaged and absurd slides -----------------------------
+
+# TIFF field types: code -> (struct format, size of one value).
+_TIFF_TYPES = {
+    1: ("B", 1),  # BYTE
+    2: ("s", 1),  # ASCII
+    3: ("H", 2),  # SHORT
+    4: ("I", 4),  # LONG
+    5: ("II", 8),  # RATIONAL (numerator, denominator)
+    8: ("h", 2),  # SSHORT
+    9: ("i", 4),  # SLONG
+    11: ("f", 4),  # FLOAT
+    12: ("d", 8),  # DOUBLE
+}
+
+
+def raw_tiff(pages: list[dict]) -> bytes:
+    """A classic little-endian TIFF holding exactly the tags given, however absurd.
+
+    tifffile's writer checks what it writes; this writes what it is told, so tests can
+    make files with zero, huge or inconsistent sizes, offsets and byte counts.
+
+    Each page is a dict: ``tags``, tag code -> (field type, value or list of values;
+    str or bytes for ASCII; (numerator, denominator) pairs for RATIONAL);
+    ``segments``, the bytes of its tiles or strips, written at the start of the file
+    after the header; ``offsets`` and ``counts``, lists that replace the true tile
+    offsets and byte counts (default: where ``segments`` were written and their
+    lengths); ``tiled`` (default: whether tag 322 TileWidth is among the tags), which
+    picks tags 324/325 over 273/279 for them; ``next``, an offset that replaces the true
+    next-directory offset (e.g. its own, a loop).
+    """
+    out = bytearray(b"II*\x00\x00\x00\x00\x00")
+    placed = []
+    for page in pages:
+        offsets, counts = [], []
+        for segment in page.get("segments", ()):
+            offsets.append(len(out))
+            counts.append(len(segment))
+            out += segment
+        placed.append((page.get("offsets", offsets), page.get("counts", counts)))
+    ifd_offsets = []
+    for page, (offsets, counts) in zip(pages, placed, strict=True):
+        tags = dict(page["tags"])
+        tiled = page.get("tiled", 322 in tags)
+        if offsets is not None:
+            tags[324 if tiled else 273] = (4, list(offsets))
+        if counts is not None:
+            tags[325 if tiled else 279] = (4, list(counts))
+        out += b"\0" * (len(out) % 2)
+        ifd_offsets.append(len(out))
+        entries = sorted(tags.items())
+        ifd_size = 2 + 12 * len(entries) + 4
+        values_at = len(out) + ifd_size
+        ifd = bytearray(struct.pack("<H", len(entries)))
+        values = bytearray()
+        for code, (kind, value) in entries:
+            payload, count = _tiff_values(kind, value)
+            if len(payload) <= 4:
+                ifd += struct.pack("<HHI", code, kind, count) + payload.ljust(4, b"\0")
+            else:
+                values += b"\0" * (len(values) % 2)
+                ifd += struct.pack("<HHII", code, kind, count, values_at + len(values))
+                values += payload
+        ifd += b"\0\0\0\0"  # next IFD, patched below
+        out += ifd + values
+    for i, where in enumerate(ifd_offsets):
+        nxt = ifd_offsets[i + 1] if i + 1 < len(ifd_offsets) else 0
+        nxt = pages[i].get("next", nxt)
+        struct.pack_into("<I", out, where + 2 + 12 * struct.unpack_from("<H", out, where)[0], nxt)
+    struct.pack_into("<I", out, 4, ifd_offsets[0] if ifd_offsets else 0)
+    return bytes(out)
+
+
+def _tiff_values(kind: int, value) -> tuple[bytes, int]:
+    """The bytes and count of one tag's values."""
+    if kind == 2:
+        text = value.encode() if isinstance(value, str) else bytes(value)
+        text += b"\0"
+        return text, len(text)
+    values = list(value) if isinstance(value, list | tuple) and kind != 5 else [value]
+    if kind == 5:
+        pairs = value if isinstance(value, list) else [value]
+        return b"".join(struct.pack("<II", *pair) for pair in pairs), len(pairs)
+    fmt, _size = _TIFF_TYPES[kind]
+    return struct.pack(f"<{len(values)}{fmt}", *values), len(values)
+
+
+def raw_rgb_tiff(
+    width: int,
+    height: int,
+    *,
+    tile: int | None = 16,
+    pixels: np.ndarray | None = None,
+    extra_tags: dict | None = None,
+    **page,
+) -> bytes:
+    """An uncompressed 8-bit RGB TIFF written by ``raw_tiff``: ``tile`` x ``tile`` tiles,
+    or one strip when ``tile`` is None. ``extra_tags`` replace or add tags; ``page`` keys
+    (``offsets``, ``counts``, ``next``) replace what ``raw_tiff`` would write.
+    """
+    if pixels is None:
+        pixels = rgb_image(max(height, 1), max(width, 1), seed=3)[:height, :width]
+    tags = {
+        256: (4, width),
+        257: (4, height),
+        258: (3, [8, 8, 8]),
+        259: (3, 1),
+        262: (3, 2),
+        277: (3, 3),
+        284: (3, 1),
+    }
+    segments = []
+    if tile:
+        tags[322], tags[323] = (4, tile), (4, tile)
+        for r in range(0, height, tile):
+            for c in range(0, width, tile):
+                block = np.zeros((tile, tile, 3), np.uint8)
+                part = pixels[r : r + tile, c : c + tile]
+                block[: part.shape[0], : part.shape[1]] = part
+                segments.append(block.tobytes())
+    else:
+        tags[278] = (4, max(height, 1))
+        segments.append(np.ascontiguousarray(pixels).tobytes())
+    tags.update(extra_tags or {})
+    return raw_tiff([{"tags": tags, "segments": segments, **page}])

@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from napari_slide_attention.slide.reader import SlideError
 from napari_slide_attention.slide.tissue import (
     TileGrid,
     TissueMask,
@@ -534,7 +535,7 @@ def test_tissue_mask_on_grey_and_multichannel_slides(slide_image):
     with pytest.raises(ValueError, match="saturation"):
         tissue_mask(grey, TissueParams(method="saturation"))
     channels = fake_slide(np.zeros((100, 150, 5), np.uint16), mpp=1.0)
-    with pytest.raises(ValueError, match="RGB"):
+    with pytest.raises(SlideError, match=r"^fake\.tif: tissue detection needs an 8-bit RGB"):
         tissue_mask(channels)
 
 

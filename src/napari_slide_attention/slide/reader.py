@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import stat
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -144,6 +145,30 @@ class Slide:
     def tile_shape(self) -> tuple[int, int] | None:
         """(height, width) of level 0's stored tiles or strips."""
         return self.level_info[0].tile_shape
+
+    def require_rgb(self) -> None:
+        """Raise SlideError unless the slide is 8-bit RGB, what the models read.
+
+        Call before any work on a slide for a model: a grey, 16-bit, float or
+        multichannel slide opens (its pixels are fine to look at) but is not what an RGB
+        brightfield model was trained on.
+        """
+        if self.rgb:
+            return
+        raise SlideError(
+            self.path, f"{self.pixel_kind()}; the models read 8-bit RGB brightfield slides"
+        )
+
+    def pixel_kind(self) -> str:
+        """What the pixels are, in words: "a grey slide of uint8", "an RGB slide of uint16"."""
+        channels = self.channels
+        if channels == 1:
+            kind = "a grey slide"
+        elif channels == 3:
+            kind = "an RGB slide"
+        else:
+            kind = f"a {channels}-channel slide"
+        return f"{kind} of {np.dtype(self.dtype)}"
 
     def level_mpp(self, level: int) -> tuple[float, float] | None:
         """Micrometres per pixel (x, y) at a level, or None when the slide's mpp is unknown."""
@@ -302,6 +327,14 @@ def open_slide(
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "no such file or directory")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # Opening a FIFO for reading would wait for a writer; a device may never end.
+        raise SlideError(
+            path,
+            f"not a regular file (a {_file_kind(mode)}); slides are read from files or "
+            "OME-Zarr directories",
+        )
     override = _normalise_mpp(path, mpp)
     suffix = _suffix(path)
     if suffix in UNSUPPORTED_SUFFIXES:
@@ -333,6 +366,18 @@ def open_slide(
             stacklevel=2,
         )
     return slide
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _suffix(path: Path) -> str:

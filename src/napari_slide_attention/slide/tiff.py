@@ -9,7 +9,6 @@ images, and a single-level slide gets virtual lower levels for display.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
@@ -25,20 +24,22 @@ import zarr
 
 from .levels import (
     ASSOCIATED_NAMES,
-    UNIT_TO_UM,
     AssociatedImages,
     CheckedLevel,
     LayoutSource,
     lazy_level,
     level_downsample,
     pixel_layout,
-    plausible_mpp,
     stored_tile_shape,
 )
 from .reader import Level, Slide, SlideError
+from .tiff_checks import check_level, header_bytes
+from .tiff_metadata import tiff_metadata
 
 # Virtual levels for single-level slides stop once the largest side fits this.
 _VIRTUAL_MIN_SIDE = 2048
+# Stored tiles or strips grouped into one dask chunk stay under this.
+_MAX_CHUNK_BYTES = 64 << 20
 
 
 class _LogCollector(logging.Handler):
@@ -108,18 +109,19 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
         raise SlideError(path, f"the TIFF holds no readable image (truncated or corrupt?){detail}")
     vendor = _tiff_vendor(tif)
     series = _main_series(tif, all_series)
+    stored_levels, level_notes = _checked_levels(path, tif, series, file_size)
     page0 = series.keyframe
-    # Leave the zarr view's missing tiles as glass (white) on RGB slides.
     axes = series.axes
     dtype = np.dtype(series.dtype)
-    metadata, mpp, magnification = _tiff_metadata(path, tif, vendor, page0)
+    metadata, mpp, magnification = tiff_metadata(path, tif, vendor, page0)
     notes = list(dict.fromkeys(re.sub(r"^<tifffile\.\w+ '[^']*'> ", "", m) for m in log.messages))
+    notes += level_notes
 
     layout = pixel_layout(path, axes, series.shape, dtype)
+    # Tiles a file does not store (sparse) read as glass (white) on RGB slides.
     fill = 255 if layout.rgb else 0
     store = series.aszarr(fillvalue=fill)
     root = zarr.open(store, mode="r")
-    stored_levels = series.levels
     level_arrays = (
         [root]
         if isinstance(root, zarr.Array)
@@ -133,7 +135,7 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
     height0 = width0 = None
     for index, (level_series, zarray) in enumerate(zip(stored_levels, level_arrays, strict=True)):
         page = level_series.keyframe
-        single_page = len(level_series.pages) == 1 and page.planarconfig == 1
+        single_page = len(level_series) == 1 and page.planarconfig == 1
         checked = CheckedLevel(
             path,
             index,
@@ -141,7 +143,7 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
             page=page if single_page else None,
             file_size=file_size if single_page else None,
         )
-        native = _native_chunks(page, zarray)
+        native = _native_chunks(page, zarray, axes)
         array = lazy_level(path, index, checked, native, layout)
         height, width = array.shape[:2]
         if index == 0:
@@ -204,15 +206,47 @@ def _main_series(tif: tifffile.TiffFile, all_series) -> tifffile.TiffPageSeries:
     return max(candidates, key=lambda s: (s.size, -all_series.index(s)))
 
 
-def _native_chunks(page: tifffile.TiffPage, zarray) -> tuple[int, ...]:
-    """dask chunks = the zarr view's chunks, with thin strips grouped to >= 256 rows."""
+def _checked_levels(
+    path: Path, tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, file_size: int
+) -> tuple[list[tifffile.TiffPageSeries], list[str]]:
+    """The pyramid's levels whose directories fit the file (``tiff_checks``), and notes.
+
+    A damaged level 0 refuses the slide; a damaged lower level is dropped with the
+    levels below it (noted), as the pixels of the levels above are still right.
+    """
+    header = header_bytes(tif)
+    levels: list[tifffile.TiffPageSeries] = []
+    notes: list[str] = []
+    for index, level in enumerate(series.levels):
+        try:
+            notes += check_level(path, index, level, file_size, header)
+        except SlideError as exc:
+            if index == 0:
+                raise
+            notes.append(f"level {index} and below ignored: {exc.problem}")
+            break
+        levels.append(level)
+    return levels, notes
+
+
+def _native_chunks(page: tifffile.TiffPage, zarray, axes: str) -> tuple[int, ...]:
+    """dask chunks: the zarr view's (the stored tiles or strips), small ones grouped.
+
+    Strips are grouped to >= 256 rows and tiles under 256 px to >= 256 px a side, so a
+    file of thin strips or tiny tiles does not make millions of chunks; a group stays
+    under ``_MAX_CHUNK_BYTES`` (one stored tile or strip at least).
+    """
     chunks = list(zarray.chunks)
     shape = zarray.shape
-    row_axis = 0 if len(shape) == 2 or (shape[-1] in (3, 4) and len(shape) == 3) else len(shape) - 2
-    if not page.is_tiled and chunks[row_axis] < 256:
-        chunks[row_axis] = min(
-            shape[row_axis], chunks[row_axis] * math.ceil(256 / chunks[row_axis])
-        )
+    row_axis, col_axis = axes.upper().index("Y"), axes.upper().index("X")
+    itemsize = np.dtype(zarray.dtype).itemsize
+    for axis in (row_axis, col_axis) if page.is_tiled else (row_axis,):
+        if chunks[axis] >= 256:
+            continue
+        grouped = min(shape[axis], chunks[axis] * math.ceil(256 / chunks[axis]))
+        others = math.prod(chunks) // chunks[axis] * itemsize
+        fits = max(1, _MAX_CHUNK_BYTES // max(1, others * chunks[axis]))
+        chunks[axis] = min(grouped, chunks[axis] * fits)
     return tuple(chunks)
 
 
@@ -258,118 +292,8 @@ def _add_virtual_levels(levels, infos, sources, pages) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Metadata
+# Associated images
 # ----------------------------------------------------------------------------------------
-
-
-def _tiff_metadata(path: Path, tif, vendor: str, page) -> tuple[dict, tuple | None, float | None]:
-    metadata: dict[str, Any] = {}
-    notes: list[str] = []
-    mpp = None
-    magnification = None
-    if vendor == "aperio":
-        svs = tifffile.tifffile.svs_description_metadata(page.description)
-        metadata.update({k: v for k, v in svs.items() if k != "Header"})
-        metadata["Header"] = svs.get("Header", "").strip()
-        if "MPP" in svs:
-            mpp = plausible_mpp(path, (float(svs["MPP"]),) * 2, "Aperio MPP", notes)
-        if "AppMag" in svs:
-            magnification = float(svs["AppMag"])
-    elif vendor == "hamamatsu":
-        tags = page.ndpi_tags or {}
-        metadata.update({k: _jsonable(v) for k, v in tags.items() if k != "McuStarts"})
-        mag = tags.get("Magnification")
-        if mag is not None and float(mag) > 0:
-            magnification = float(mag)
-        mpp = plausible_mpp(path, _resolution_mpp(page), "resolution tags", notes)
-    elif vendor == "ome-tiff":
-        mpp, magnification, ome = _ome_xml_metadata(tif.ome_metadata)
-        metadata.update(ome)
-        mpp = plausible_mpp(path, mpp, "OME PhysicalSize", notes)
-    if vendor == "generic-tiff":
-        desc = page.description or ""
-        if desc.startswith("{"):
-            with contextlib.suppress(ValueError):
-                info = json.loads(desc)
-                if isinstance(info, dict):
-                    metadata.update({k: v for k, v in info.items() if k != "shape"})
-                    if "mpp" in info:
-                        value = info["mpp"]
-                        pair = tuple(value) if isinstance(value, list | tuple) else (value, value)
-                        mpp = plausible_mpp(
-                            path, tuple(float(v) for v in pair), "description", notes
-                        )
-                    if info.get("magnification"):
-                        magnification = float(info["magnification"])
-        if mpp is None:
-            mpp = plausible_mpp(path, _resolution_mpp(page), "resolution tags", notes)
-        for name in ("Make", "Model", "Software"):
-            value = page.tags.valueof(name)
-            if value:
-                metadata[name] = str(value)
-    if notes:
-        metadata["notes"] = notes
-    return metadata, mpp, magnification
-
-
-def _resolution_mpp(page) -> tuple[float, float] | None:
-    """Micrometres per pixel from the TIFF resolution tags, or None when absent or unitless."""
-    unit = page.tags.valueof("ResolutionUnit")
-    xres, yres = page.tags.valueof("XResolution"), page.tags.valueof("YResolution")
-    if unit is None or int(unit) == 1 or not xres or not yres:
-        return None
-    um_per_unit = 1e4 if int(unit) == 3 else 25400.0
-
-    def ratio(value) -> float:
-        if isinstance(value, tuple):
-            return value[0] / value[1] if value[1] else 0.0
-        return float(value)
-
-    x, y = ratio(xres), ratio(yres)
-    if x <= 0 or y <= 0:
-        return None
-    return (um_per_unit / x, um_per_unit / y)
-
-
-def _ome_xml_metadata(xml: str | None) -> tuple[tuple | None, float | None, dict]:
-    if not xml:
-        return None, None, {}
-    try:
-        ome = tifffile.xml2dict(xml)["OME"]
-    except Exception:
-        return None, None, {}
-    images = ome.get("Image", {})
-    image = images[0] if isinstance(images, list) else images
-    pixels = image.get("Pixels", {})
-    metadata = {"Name": image.get("Name")}
-    mpp = None
-    if "PhysicalSizeX" in pixels and "PhysicalSizeY" in pixels:
-        ux = UNIT_TO_UM.get(str(pixels.get("PhysicalSizeXUnit", "µm")))
-        uy = UNIT_TO_UM.get(str(pixels.get("PhysicalSizeYUnit", "µm")))
-        if ux and uy:
-            mpp = (float(pixels["PhysicalSizeX"]) * ux, float(pixels["PhysicalSizeY"]) * uy)
-    magnification = None
-    instrument = ome.get("Instrument", {})
-    instrument = instrument[0] if isinstance(instrument, list) else instrument
-    objective = instrument.get("Objective", {}) if isinstance(instrument, dict) else {}
-    objective = objective[0] if isinstance(objective, list) else objective
-    if isinstance(objective, dict) and objective.get("NominalMagnification"):
-        magnification = float(objective["NominalMagnification"])
-        metadata["Objective"] = objective.get("Model") or objective.get("ID")
-    for key in ("PhysicalSizeX", "PhysicalSizeY", "PhysicalSizeXUnit", "PhysicalSizeYUnit"):
-        if key in pixels:
-            metadata[key] = pixels[key]
-    return mpp, magnification, metadata
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 16 else f"array{value.shape}"
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _tiff_associated(tif, all_series, main) -> dict[str, Any]:

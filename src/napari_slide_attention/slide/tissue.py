@@ -396,7 +396,6 @@ class TileGrid:
         return self.tissue_fraction[self.in_tissue]
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Tissue mask
 
@@ -511,28 +510,47 @@ def tissue_mask(slide: SlideLike, params: TissueParams | None = None) -> TissueM
     if arr.ndim == 3 and slide.rgb and arr.shape[-1] in (3, 4):
         arr = arr[..., :3]
     elif arr.ndim != 2:
-        raise ValueError(
-            f"tissue detection needs an RGB (H, W, 3) or grey (H, W) brightfield slide; "
-            f"level {level} has shape {tuple(arr.shape)} (rgb={slide.rgb})"
+        kind = slide.pixel_kind() if hasattr(slide, "pixel_kind") else f"shape {arr.shape}"
+        raise _slide_problem(
+            slide,
+            f"tissue detection needs an 8-bit RGB or a grey brightfield slide; this is {kind}",
         )
     level_ds = float(slide.level_info[level].downsample)
     h, w = arr.shape[:2]
     # Integer block size bringing the level to the target resolution (the level is never
-    # coarser than the target), then enlarged if the mask would still be too big.
+    # coarser than the target), then enlarged if the mask would still be too big; never
+    # past the level's own size, so a tiny slide gives a mask of one pixel, not of none.
     factor = max(1, math.floor(target_ds / level_ds + 1e-6))
     factor = max(factor, math.ceil(max(h, w) / params.max_mask_side))
+    factor = max(1, min(factor, h, w))
     if factor > 1:
         arr = _coarsen(arr, factor)
     img = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+    try:
+        return tissue_mask_from_rgb(
+            img,
+            level_ds * factor,
+            params,
+            mpp,
+            level=level,
+            slide_shape=tuple(slide.level_info[0].shape[:2]),
+        )
+    except _PixelError as exc:
+        raise _slide_problem(slide, f"tissue detection cannot read its pixels: {exc}") from exc
 
-    return tissue_mask_from_rgb(
-        img,
-        level_ds * factor,
-        params,
-        mpp,
-        level=level,
-        slide_shape=tuple(slide.level_info[0].shape[:2]),
-    )
+
+class _PixelError(ValueError):
+    """Pixels tissue detection cannot read (dtype, range, shape): the slide's, not the caller's."""
+
+
+def _slide_problem(slide: SlideLike, problem: str) -> Exception:
+    """SlideError naming the slide's file when it has one, else ValueError."""
+    path = getattr(slide, "path", None)
+    if path is None:
+        return ValueError(problem)
+    from .reader import SlideError
+
+    return SlideError(path, problem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,17 +820,18 @@ def _as_unit_float(image: np.ndarray) -> np.ndarray:
     if img.ndim == 3 and img.shape[-1] in (3, 4):
         img = img[..., :3]
     elif img.ndim != 2:
-        raise ValueError(f"image must be (h, w, 3), (h, w, 4) or (h, w), got shape {img.shape}")
+        raise _PixelError(f"image must be (h, w, 3), (h, w, 4) or (h, w), got shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
-        raise ValueError(f"image is empty, shape {img.shape}")
+        raise _PixelError(f"image is empty, shape {img.shape}")
     if np.issubdtype(img.dtype, np.unsignedinteger):
         return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
     if np.issubdtype(img.dtype, np.floating):
-        lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"float images must be in [0, 1], got values in [{lo}, {hi}]")
+        known = img[~np.isnan(img)]
+        lo, hi = (float(known.min()), float(known.max())) if known.size else (np.nan, np.nan)
+        if not (lo >= 0.0 and hi <= 1.0):  # an image of NaN fails too
+            raise _PixelError(f"float images must be in [0, 1], got values in [{lo}, {hi}]")
         return img.astype(np.float32)
-    raise ValueError(f"image dtype must be unsigned integer or float, got {img.dtype}")
+    raise _PixelError(f"image dtype must be unsigned integer or float, got {img.dtype}")
 
 
 def _mpp_pair(mpp: float | Sequence[float]) -> tuple[float, float]:
