@@ -31,11 +31,10 @@ attention, ``--epochs`` for a hard attention):
 Targets with the extensions: sampled tiles hit lesion boxes >= 5 x as often as uniform
 tiles in tissue; dual F1 >= random-sampling F1 + 0.10.
 
-Run (CPU, about 22 minutes on a shared 2-core machine: docs/benchmarks.md; the needle
+Run (CPU, about 43 minutes on a shared 2-core machine: docs/benchmarks.md; the needle
 benchmark's slides and its sliding-window run are reused when present)::
 
-    .venv/bin/python benchmarks/dual_needle.py --soft-epochs 50 \
-        --json data/bench/dual_needle-ext.json
+    .venv/bin/python benchmarks/dual_needle.py --json data/bench/dual_needle.json
 
 Settings for a GPU: the paper's sizes, ``--set tile_um=512 --hard glimpse_px=128
 --hard tile_px=2048 --hard glimpses=6 --set n_tiles=10 --set feature_px=128`` on 40x
@@ -88,6 +87,12 @@ from needle import COHORT, PER_CLASS, report_checks
 # of A on lesion cells, against 0.294 with 1.0 in the second run).
 DUAL = json.loads(json.dumps({**CPU_PRESET, "seed": 0}))
 DUAL["model"]["soft"]["min_tissue"] = 1.0
+# d_t = 0: lesions here touch 1-4 attention cells, so with tiles kept a cell apart eight
+# tiles cannot all lie on one, whatever A is (the oracle ceiling printed by this script:
+# 3.90 x uniform at one cell, 5.97 at 0, on the run of 2026-12-07, before any model of
+# the 2026-12-08 run was scored). The paper's default, one tile edge, stays the default
+# of `train dual`; IHC tumours are large enough for it.
+DUAL["model"]["min_distance"] = 0
 # Extension (a), the sharper soft attention, as this benchmark runs it (chosen on the
 # validation split before the test split was looked at: docs/benchmarks.md).
 SHARPER = {"temperature": 0.5}
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=20, help="hard-attention epochs per model (same budget)"
     )
-    parser.add_argument("--soft-epochs", type=int, default=100, help="soft attention first")
+    parser.add_argument("--soft-epochs", type=int, default=50, help="soft attention first")
     parser.add_argument("--joint", action="store_true", help="train dual jointly instead")
     parser.add_argument("--per-class", nargs="+", default=None, metavar="SPLIT=N")
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --dir")
