@@ -8,6 +8,7 @@ parse. tests/slide/test_fuzz_tiff.py throws random ones of each kind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import warnings
@@ -19,7 +20,14 @@ import tifffile
 
 from napari_slide_attention.slide.reader import MissingMppWarning, SlideError, open_slide
 from napari_slide_attention.slide.tissue import tissue_mask
-from slide_files import raw_rgb_tiff, rgb_image, write_generic, write_ome_tiff, write_svs
+from slide_files import (
+    raw_rgb_tiff,
+    rgb_image,
+    write_generic,
+    write_ome_tiff,
+    write_ome_zarr,
+    write_svs,
+)
 
 IMG = rgb_image(600, 700, seed=4)
 
@@ -286,6 +294,63 @@ def test_an_unreadable_metadata_string_is_noted_and_the_slide_opens(
         assert slide.mpp is None
     assert any(unreadable in note for note in slide.metadata["notes"])
     np.testing.assert_array_equal(slide.read_region(0, 0, 0, 256, 256)[..., 0] > 0, True)
+
+
+def _zarr_with(tmp_path, change) -> object:
+    path = tmp_path / "slide.ome.zarr"
+    write_ome_zarr(path, IMG, version="0.4")
+    attrs = json.loads((path / ".zattrs").read_text())
+    change(attrs["multiscales"][0], attrs)
+    (path / ".zattrs").write_text(json.dumps(attrs))
+    return path
+
+
+def _scale(value):
+    def change(ms, _attrs):
+        ms["datasets"][0]["coordinateTransformations"][0]["scale"] = value
+
+    return change
+
+
+@pytest.mark.parametrize("scale", [[1.0, None, 0.5], [0.5], "abc"])
+def test_an_unreadable_ome_zarr_scale_is_noted_and_the_slide_opens(tmp_path, scale):
+    path = _zarr_with(tmp_path, _scale(scale))
+    with pytest.warns(MissingMppWarning, match="no usable pixel size"):
+        slide = open_slide(path)
+    assert any("ignored unreadable OME-Zarr scale" in note for note in slide.notes)
+    np.testing.assert_array_equal(slide.read_region(0, 0, 0, 300, 200), IMG[:200, :300])
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda ms, attrs: attrs.update(multiscales={"0": ms}), "'multiscales' is not a list"),
+        (lambda ms, _: ms["datasets"][0].pop("path"), "a dataset has no 'path'"),
+        (lambda ms, _: ms.update(axes=[{"name": "y"}, {"name": "x"}]), "2 axes \\(YX\\)"),
+        (lambda ms, _: ms.update(axes=[1, None, {}]), "axis 1 has no name"),
+    ],
+)
+def test_damaged_ome_zarr_metadata_is_refused(tmp_path, change, problem):
+    path = _zarr_with(tmp_path, change)
+    with pytest.raises(SlideError, match=rf"slide\.ome\.zarr: damaged OME-Zarr.*{problem}"):
+        open_slide(path)
+
+
+def test_an_ome_zarr_of_absurd_size_or_without_data_is_refused(tmp_path):
+    import zarr
+
+    for shape, chunks, problem in [
+        ((3, 10**9, 10**9), (3, 512, 512), "3814697265625 chunks"),
+        ((3, 4096, 4096), (3, 1, 1), "16777216 chunks"),
+        ((3, 64, 64), (3, 64, 64), "level 0 stores no chunks"),
+    ]:
+        path = tmp_path / f"{shape[1]}-{chunks[1]}.ome.zarr"
+        root = zarr.open_group(path, mode="w", zarr_format=2)
+        root.create_array("0", shape=shape, chunks=chunks, dtype="u1")
+        axes = [{"name": "c"}, {"name": "y"}, {"name": "x"}]
+        root.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [{"path": "0"}]}]
+        with deadline(10), pytest.raises(SlideError, match=rf"{path.name}: .*{problem}"):
+            _open(path)
 
 
 # -- the CLI and the napari reader ----------------------------------------------------------------
