@@ -317,10 +317,17 @@ def read_checkpoint(path: str | os.PathLike, *, tensors: bool = True) -> Checkpo
         kind = metadata["kind"]
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise CheckpointError(path, f"damaged header ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(config, dict) or not isinstance(extra, dict) or not isinstance(kind, str):
-        raise CheckpointError(
-            path, "damaged header (config and extra must be JSON objects, kind a string)"
-        )
+    for name, value, wanted in (
+        ("config", config, dict),
+        ("extra", extra, dict),
+        ("kind", kind, str),
+    ):
+        if not isinstance(value, wanted):
+            raise CheckpointError(
+                path,
+                f"damaged header ({name} must be a JSON {'object' if wanted is dict else 'string'}"
+                f", got {json.dumps(value)[:40]})",
+            )
     if kind in KINDS:
         _check_classes(path, config)
     weights = _read_tensors(path) if tensors else {}

@@ -183,11 +183,14 @@ def init_settings(settings: _S, init: str | os.PathLike) -> _S:
     (``SettingsRecord.with_model``), its header checked first.
 
     Raises:
-        CheckpointError: the checkpoint cannot be read, its config is damaged, or a model
-            setting given here disagrees with it (naming the file and the setting).
+        CheckpointError: the checkpoint cannot be read, its config is damaged or does not
+            describe its tensors, or a model setting given here disagrees with it (naming
+            the file and the setting).
     """
     header = read_checkpoint(init, tensors=False)
-    model_config(header)
+    kind, config = model_config(header)
+    with torch.device("meta"):  # its tensors fit its config: checked before any work
+        check_fits(header, kind.build(config).state_dict())
     try:
         return settings.with_model(header.config)
     except ValueError as exc:
