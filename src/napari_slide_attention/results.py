@@ -819,7 +819,10 @@ def _recover(target: Path) -> None:
     """Undo what a save killed between its two renames left: with no result at
     ``target``, the newest result moved aside goes back there; with one, results moved
     aside (a save killed before deleting them) are deleted."""
-    aside = _set_aside(target)
+    try:
+        aside = _set_aside(target)
+    except OSError:  # a folder that cannot be listed: nothing to recover from there
+        return
     if not aside:
         return
     if not target.exists() and not target.is_symlink() and _is_result_dir(aside[0]):
