@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 import traceback
 import warnings
@@ -42,10 +43,17 @@ class Wrong(Exception):
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "peak_rss_mib": _peak_rss_mib()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        print(json.dumps(handle(request["path"], request.get("reference"))), flush=True)
+        answer = handle(request["path"], request.get("reference"))
+        answer["peak_rss_mib"] = _peak_rss_mib()
+        print(json.dumps(answer), flush=True)
+
+
+def _peak_rss_mib() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def handle(path: str, reference: str | None) -> dict:
@@ -59,6 +67,8 @@ def handle(path: str, reference: str | None) -> dict:
                 _read_corners(slide)
             else:
                 _read_against(slide, _reference_levels(reference))
+            for name in slide.associated:
+                slide.associated[name]
             stage = "stream"
             _stream(slide)
             stage = "tissue"

@@ -138,6 +138,17 @@ def test_a_damaged_lower_level_is_dropped_and_level_0_still_reads(tmp_path):
     np.testing.assert_array_equal(slide.levels[0].compute(), IMG)
 
 
+def test_a_damaged_label_image_is_left_out_and_the_slide_opens(tmp_path):
+    path = tmp_path / "label.svs"
+    write_svs(path, IMG)
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        label = next(p for p in tif.pages if "label" in p.description)
+        label.tags["ImageWidth"].overwrite(10**9)
+    slide = open_slide(path)
+    assert "label" not in slide.associated and "macro" in slide.associated
+    assert any(note.startswith("label image ignored: damaged TIFF") for note in slide.notes)
+
+
 # -- sizes ------------------------------------------------------------------------------------
 
 

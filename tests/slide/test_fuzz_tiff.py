@@ -44,6 +44,7 @@ def _examples(default: int) -> int:
 
 CASE_TIMEOUT_S = 10.0  # the hard limit the issue asks for, per case
 START_TIMEOUT_S = 180.0  # the child's imports, on a loaded machine
+MEMORY_BOUND_MIB = 1024  # growth of the reading process's peak memory over all cases
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 FUZZ = settings(
     deadline=None,
@@ -60,6 +61,8 @@ class Sandbox:
         self.process: subprocess.Popen | None = None
         self.outcomes: collections.Counter = collections.Counter()
         self.failures: list[dict] = []
+        self.started_rss_mib = 0  # the reading process's memory once its imports are done
+        self.peak_rss_mib = 0
 
     def _start(self) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -72,7 +75,8 @@ class Sandbox:
             env=env,
         )
         ready = self._answer(START_TIMEOUT_S)
-        assert ready == {"ready": True}, f"the fuzz worker did not start: {ready}"
+        assert ready and ready.get("ready"), f"the fuzz worker did not start: {ready}"
+        self.started_rss_mib = max(self.started_rss_mib, ready["peak_rss_mib"])
 
     def _answer(self, timeout: float) -> dict | None:
         """The child's next line as JSON, None on timeout, {"dead": code} if it ended."""
@@ -106,6 +110,7 @@ class Sandbox:
             code = answer["dead"]
             self._stop()
             answer = {"outcome": "dead", "message": f"the reading process died ({code})"}
+        self.peak_rss_mib = max(self.peak_rss_mib, answer.get("peak_rss_mib", 0))
         key = answer["outcome"]
         if key == "slide_error":
             key = f"slide_error at {answer['stage']}"
@@ -137,18 +142,26 @@ def sandbox(request):
 
 def _report(name: str, box: Sandbox) -> None:
     total = sum(box.outcomes.values())
-    summary = {"cases": total, "outcomes": dict(sorted(box.outcomes.items()))}
+    summary = {
+        "cases": total,
+        "outcomes": dict(sorted(box.outcomes.items())),
+        "reader_rss_mib": {"after_imports": box.started_rss_mib, "peak": box.peak_rss_mib},
+    }
     print(f"\n{name}: {json.dumps(summary)}")
     where = os.environ.get("SLIDE_FUZZ_SUMMARY")
     if where:
         Path(where).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _check(answer: dict) -> None:
+def _check(answer: dict, sandbox: Sandbox) -> None:
     assert _clean(answer), (
         f"{answer['outcome']}: {answer.get('type', '')} {answer.get('message', '')}\n"
         f"{answer.get('traceback', '')}"
     )
+    # The files are under 2 MB: what the reader holds stays within a bound of that, however
+    # large the tiles or images they claim (tiff_checks: file size + 256 MiB per tile).
+    grown = answer.get("peak_rss_mib", 0) - sandbox.started_rss_mib
+    assert grown < MEMORY_BOUND_MIB, f"the reader grew by {grown} MiB reading one small file"
 
 
 # -- absurd TIFFs, tag by tag ---------------------------------------------------------------
@@ -358,7 +371,7 @@ def test_absurd_tiffs_give_slide_error_or_a_slide(sandbox, tmp_path_factory, dat
     path = tmp_path_factory.getbasetemp() / "absurd" / "absurd.tif"
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
-    _check(sandbox.run(path))
+    _check(sandbox.run(path), sandbox)
 
 
 # -- real-looking slides, cut short or bit-flipped ------------------------------------------
@@ -396,7 +409,7 @@ def test_cut_slides_read_exact_or_fail(sandbox, intact_slides, which, where, nea
         cut = int(where * len(data))
     path = intact.with_name(f"cut.{intact.name}")
     path.write_bytes(data[:cut])
-    _check(sandbox.run(path, reference=intact))
+    _check(sandbox.run(path, reference=intact), sandbox)
 
 
 @settings(FUZZ, max_examples=_examples(150))
@@ -413,7 +426,7 @@ def test_flipped_bits_in_directories_give_slide_error_or_a_slide(
     data[position] ^= 1 << bit
     path = intact.with_name(f"flipped.{intact.name}")
     path.write_bytes(bytes(data))
-    _check(sandbox.run(path))
+    _check(sandbox.run(path), sandbox)
 
 
 _SPANS: dict[Path, list[tuple[int, int]]] = {}

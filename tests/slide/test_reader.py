@@ -367,3 +367,17 @@ def test_garbage_after_a_valid_header_fails_quickly(tmp_path):
     path.write_bytes(b"II*\x00" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with deadline(10), pytest.raises(SlideError, match=r"garbage\.ndpi"):
         open_slide(path)
+
+
+def test_tiny_tiles_are_grouped_into_larger_chunks(tmp_path):
+    """16 px tiles would make a dask chunk per 256 px² (millions on a slide)."""
+    path = tmp_path / "tiny.tif"
+    img = rgb_image(700, 600, seed=5)
+    tifffile.imwrite(path, img, tile=(16, 16), photometric="rgb", metadata=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingMppWarning)
+        slide = open_slide(path)
+    assert slide.tile_shape == (16, 16)
+    assert slide.levels[0].chunksize == (256, 256, 3)
+    np.testing.assert_array_equal(slide.levels[0].compute(), img)
+    np.testing.assert_array_equal(slide.read_region(0, 250, 300, 100, 40), img[300:340, 250:350])

@@ -343,8 +343,11 @@ class StoredLevel:
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
         self.down = math.ceil(self.height / self.tile_h)
         self.across = math.ceil(self.width / self.tile_w)
-        self.offsets = [int(v) for v in page.dataoffsets]
-        self.counts = [int(v) for v in page.databytecounts]
+        # A directory may list more offsets than tiles (slide.tiff_checks refuses fewer);
+        # tifffile reads the first ones, and so do we.
+        tiles = self.down * self.across
+        self.offsets = [int(v) for v in page.dataoffsets[:tiles]]
+        self.counts = [int(v) for v in page.databytecounts[:tiles]]
         # Tiles never written (sparse files) have offset or byte count 0: glass.
         self.present = [o != 0 and n != 0 for o, n in zip(self.offsets, self.counts, strict=True)]
         self.squeeze = slide.levels[level].ndim == 2

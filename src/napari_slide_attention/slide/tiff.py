@@ -169,7 +169,7 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
     if len(levels) == 1:
         _add_virtual_levels(levels, infos, sources, pages)
 
-    associated = _tiff_associated(tif, all_series, series)
+    associated = _tiff_associated(path, tif, all_series, series, file_size, notes)
     slide = Slide(
         path=path,
         vendor=vendor,
@@ -296,8 +296,14 @@ def _add_virtual_levels(levels, infos, sources, pages) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _tiff_associated(tif, all_series, main) -> dict[str, Any]:
-    """Associated images of a TIFF slide by name: readers that decode on first access."""
+def _tiff_associated(
+    path: Path, tif, all_series, main, file_size: int, notes: list[str]
+) -> dict[str, Any]:
+    """Associated images of a TIFF slide by name: readers that decode on first access.
+
+    One whose directory cannot be right (``tiff_checks``) is left out with a note, so
+    reading it can neither fail later nor allocate what the file cannot hold.
+    """
     found: dict[str, Any] = {}
     for series in all_series:
         if series is main:
@@ -305,6 +311,12 @@ def _tiff_associated(tif, all_series, main) -> dict[str, Any]:
         name = (series.name or "").strip().lower()
         key = next((n for n in ASSOCIATED_NAMES if n in name), None)
         if key is None or key in found:
+            continue
+        try:
+            check_level(path, 0, series, file_size, header_bytes(tif))
+        except SlideError as exc:
+            problem = exc.problem.replace("level 0", f"the {key} image")
+            notes.append(f"{key} image ignored: {problem}")
             continue
         found[key] = _series_reader(series)
     return found

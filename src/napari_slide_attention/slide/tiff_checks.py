@@ -13,13 +13,13 @@ such levels with a ``SlideError`` that says what is wrong, before any array exis
   (real slides hold under 100; ``_MIN_PIXEL_BOUND`` for small files), and one decoded
   tile or strip takes at most the file's size plus ``_MAX_SEGMENT_EXTRA`` bytes, so a
   file cannot make the reader allocate much more than itself;
-* offsets: one offset and one byte count per tile or strip, none pointing into the file
-  header, and some tile stored. Tiles with byte count 0 are sparse (never written; GDAL
-  and tifffile write blank tiles so) and read as the fill value; they are counted in
-  the notes. Tiles that run past the end of the file are noted here and refused when
-  read (``levels.CheckedLevel``, ``stored_tiles``), so what lies before a cut still
-  reads; in levels of several pages or colour planes, which have no per-tile check on
-  read, they are refused here.
+* offsets: one offset and one byte count per tile or strip (no fewer, no more), none
+  pointing into the file header, and some tile stored. Tiles with byte count 0 are
+  sparse (never written; GDAL and tifffile write blank tiles so) and read as the fill
+  value; they are counted in the notes. Tiles that run past the end of the file are
+  noted here and refused when read (``levels.CheckedLevel``, ``stored_tiles``), so what
+  lies before a cut still reads; in levels of several pages or colour planes, which
+  have no per-tile check on read, they are refused here.
 """
 
 from __future__ import annotations
@@ -174,13 +174,14 @@ def _check_offsets(
                 )
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
-        if len(offsets) < expected or len(counts) < expected:
+        if len(offsets) != expected or len(counts) != expected:
+            # Fewer: cut short (tifffile would read the rest as blank); more: the size
+            # tags no longer match the directory (tiles would land in the wrong places).
             raise SlideError(
                 path,
                 f"truncated or damaged TIFF: {where} needs {expected} {word}s but its directory "
                 f"lists {len(offsets)} offsets and {len(counts)} byte counts",
             )
-        offsets, counts = offsets[:expected], counts[:expected]
         stored = counts > 0
         bad = stored & (offsets < header)
         if bad.any():

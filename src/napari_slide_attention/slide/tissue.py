@@ -165,9 +165,7 @@ class TissueParams:
             )
         if not (math.isfinite(self.mask_downsample) and self.mask_downsample >= 1):
             raise ValueError(f"mask_downsample must be >= 1, got {self.mask_downsample}")
-        if not (
-            int(self.max_mask_side) == self.max_mask_side and 1 <= self.max_mask_side <= 16384
-        ):
+        if not (int(self.max_mask_side) == self.max_mask_side and 1 <= self.max_mask_side <= 16384):
             raise ValueError(
                 f"max_mask_side must be an integer from 1 to 16384, got {self.max_mask_side}"
             )
