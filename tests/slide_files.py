@@ -186,6 +186,46 @@ def write_ndpi(path, img, *, mpp=0.4416, magnification=20.0) -> dict:
     return {"levels": _references(path), "macro": macro}
 
 
+def write_ndpi_restart_tiles(path, img, *, mpp=0.5) -> np.ndarray:
+    """NDPI whose level is one JPEG with a restart marker per row of MCUs and an NDPI
+    McuStarts tag, as Hamamatsu scanners write large levels: tifffile reads its restart
+    intervals as tiles. Returns the pixels as the file decodes."""
+    import io
+    import re
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "JPEG", quality=90, restart_marker_rows=1, subsampling=0)
+    jpeg = buffer.getvalue()
+    sos = jpeg.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
+    starts = [scan] + [scan + m.end() for m in re.finditer(rb"\xff[\xd0-\xd7]", jpeg[scan:])]
+    path = Path(path)
+    classic = path.with_suffix(".classic.tif")
+    with tifffile.TiffWriter(classic) as tif:
+        tif.write(
+            iter([jpeg]),
+            shape=img.shape,
+            dtype=np.uint8,
+            compression="jpeg",
+            photometric="rgb",
+            rowsperstrip=img.shape[0],
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+            extratags=[
+                (271, "s", 0, "Hamamatsu", True),
+                (65420, "I", 1, 1, True),  # FileFormat
+                (65421, "f", 1, 20.0, True),  # Magnification
+                (65426, "I", len(starts), starts, True),  # McuStarts
+            ],
+        )
+    _rechain_as_ndpi(classic, path)
+    classic.unlink()
+    return _references(path)[0]
+
+
 def _rechain_as_ndpi(src: Path, dst: Path) -> None:
     data = bytearray(src.read_bytes())
     with tifffile.TiffFile(src) as tif:

@@ -16,6 +16,7 @@ from slide_files import (
     write_fluorescence,
     write_generic,
     write_ndpi,
+    write_ndpi_restart_tiles,
     write_ome_tiff,
     write_ome_zarr,
     write_svs,
@@ -381,3 +382,15 @@ def test_tiny_tiles_are_grouped_into_larger_chunks(tmp_path):
     assert slide.levels[0].chunksize == (256, 256, 3)
     np.testing.assert_array_equal(slide.levels[0].compute(), img)
     np.testing.assert_array_equal(slide.read_region(0, 250, 300, 100, 40), img[300:340, 250:350])
+
+
+def test_ndpi_restart_intervals_read_as_tiles(tmp_path):
+    """Hamamatsu's large levels: one JPEG strip whose McuStarts tifffile reads as tiles."""
+    path = tmp_path / "restart.ndpi"
+    reference = write_ndpi_restart_tiles(path, IMG[:512, :768])
+    slide = open_slide(path)
+    assert slide.vendor == "hamamatsu" and slide.tile_shape == (8, 768)
+    np.testing.assert_array_equal(slide.levels[0].compute(), reference)
+    np.testing.assert_array_equal(
+        slide.read_region(0, 100, 200, 300, 50), reference[200:250, 100:400]
+    )

@@ -163,10 +163,14 @@ def _check_offsets(
         if page is None:
             raise SlideError(path, f"truncated or damaged TIFF: {where} cannot be read{problem}")
         if isinstance(page, tifffile.TiffPage):
-            codes = (324, 325) if page.is_tiled else (273, 279)
-            missing = [c for c in codes if c not in page.tags]
+            # Tile or strip tags: NDPI stores tiles (its JPEG restart markers) as a strip.
+            missing = [
+                what
+                for what, codes in (("offsets", (273, 324)), ("byte counts", (279, 325)))
+                if not any(code in page.tags for code in codes)
+            ]
             if missing:
-                what = "offsets" if missing[0] in (273, 324) else "byte counts"
+                what = missing[0]
                 raise SlideError(
                     path,
                     f"truncated or damaged TIFF: the directory of {where} has no {word} "
