@@ -25,8 +25,10 @@ vessels, ragged edges) in every class alike.
      score the mean of the top-15 tile probabilities per class (the paper's baseline).
 3. The stain's sampling is the paper's for that stain (``STAIN_SAMPLING``): HER2 noise
    U[0, 1], adaptive (Otsu) thresholding of Â, N = 10 of the top 20; MMR noise U[-2, 1],
-   k-means with 3 clusters, N = 15 of the top 30. The networks are the CPU sizes of the
-   needle benchmark (``train.dual.CPU_PRESET``).
+   k-means with 3 clusters, N = 15 of the top 30. The distance d_t between sampled tiles
+   is ours, per stain (``MIN_DISTANCE``: HER2 1 attention cell, MMR 0), in training and
+   at inference. The networks are the CPU sizes of the needle benchmark
+   (``train.dual.CPU_PRESET``).
 4. On the test slides (of every fold): F1 and AUROC (HER2: macro F1 and one-vs-rest macro
    AUROC, Table II layout, and the contest's Table I criteria when ``--her2-points FILE``
    gives the contest's points table; MMR: Table II, mean ± std over the folds); the share
@@ -39,10 +41,16 @@ Targets (dual attention): sampled tiles on tumour >= 3 x the uniform rate and >=
 sampled tiles; on artefacts no more often than uniform; macro F1 >= random sampling + 0.10
 and >= 0.8 on HER2; attention mass on tumour >= 0.5.
 
-Run (CPU, 2 cores: about 40 minutes with the defaults, the cohorts written once under
+Run (CPU, 2 cores: about 50 minutes with the defaults, the cohorts written once under
 ``--dir``)::
 
     .venv/bin/python benchmarks/dual_ihc.py --json data/bench/dual_ihc.json
+
+A change made after a look at the test slides is judged on slides no one has seen, with
+the trained models (``--skip-train``): ``--her2-test-seed SEED`` tests the HER2 models on
+a fresh test split; ``--mmr-test-seed SEED`` scores each MMR fold's models on a whole
+fresh cohort (the same settings and size), F1 and AUROC the mean ± std over the fold
+models, instead of the folds' test slides.
 
 Settings for a GPU (the paper's sizes on 0.25 µm/px slides; here 0.5 µm/px slides, so
 tiles of 512 µm are 1024 px; the paper's d_t is unknown, ours the tile edge):
@@ -73,7 +81,11 @@ from napari_slide_attention.models.dual_attention import STAIN_SAMPLING
 from napari_slide_attention.slide.boxes import box_centres, on_mask, overlapping
 from napari_slide_attention.slide.synthetic import SyntheticSlide, tumour_mask_truth
 from napari_slide_attention.train.cohort import Cohort, make_synthetic_cohort
-from napari_slide_attention.train.crossval import format_mmr_table, write_fold_cohorts
+from napari_slide_attention.train.crossval import (
+    format_mmr_table,
+    summarise_folds,
+    write_fold_cohorts,
+)
 from napari_slide_attention.train.dual import CPU_PRESET, DualTrainSettings, train_dual
 from napari_slide_attention.train.evaluate import evaluate_folds, evaluate_models, her2_scores
 from napari_slide_attention.train.her2_contest import format_her2_table, load_points_table
@@ -98,13 +110,18 @@ EPOCHS = {"soft": 40, "other": 30}
 BUDGET = {"her2": (8.0, 8.0), "mmr": (4.0, 4.0)}
 FOLD_SEED = 0
 # Shared geometry: the needle benchmark's CPU sizes (128 µm tiles read at 128 px, glimpses
-# of 32 px); the sliding window's crops are the same tiles at 64 px. d_t (min_distance) is
-# one attention cell, half a tile edge, so neighbouring tiles may overlap by half: chosen on
-# the HER2 validation split before the second run (docs/models.md, "d_t on small slides").
-# A synthetic tumour here holds about ten 128 µm tiles side by side, so at d_t of a whole
-# tile edge ten distinct tiles cannot all lie on it (the paper gives no d_t).
+# of 32 px); the sliding window's crops are the same tiles at 64 px.
 DUAL = {**CPU_PRESET, "seed": 0}
-DUAL["model"] = {**CPU_PRESET["model"], "min_distance": 1.0}
+# d_t (min_distance, in attention cells; a tile edge is 2 cells) per stain, for dual
+# attention and random sampling alike, in training and at inference. A synthetic tumour
+# here holds about ten 128 µm tiles side by side, so at d_t of a whole tile edge N distinct
+# tiles cannot all lie on it (the paper gives no d_t; docs/models.md, "d_t on small
+# slides"). HER2: 1 cell (half a tile edge), chosen on the HER2 validation split before the
+# second run. MMR: 0 (any distinct cells: neighbours may overlap by half a tile), chosen
+# after the third run on the MMR folds' training and validation slides only, with the
+# fold models trained at 1 cell (0.918 of the 15 tiles on tumour at 0, 0.756 at 1 cell;
+# docs/benchmarks.md); judged with ``--mmr-test-seed`` on a fresh cohort.
+MIN_DISTANCE = {"her2": 1.0, "mmr": 0.0}
 SLIDING_WINDOW = {"crop_um": 128.0, "input_px": 64, "seed": 0}
 TOP_K = 15
 # Tissue cells a tumour-mask pixel stands for: the mask is rendered at this downsample.
@@ -171,7 +188,7 @@ def _progress(name: str):
 
 def _settings(stain: str, args: argparse.Namespace, **more) -> DualTrainSettings:
     dual = json.loads(json.dumps(DUAL))
-    dual["model"].update(STAIN_SAMPLING[stain])
+    dual["model"].update(STAIN_SAMPLING[stain], min_distance=MIN_DISTANCE[stain])
     model_keys = DualTrainSettings.model_keys()
     for item in args.set:
         key, _, value = item.partition("=")
@@ -225,15 +242,27 @@ def train_methods(cohort: Cohort, runs: dict[str, Path], stain: str, args) -> No
     )
 
 
-def _predictor(method: str, device: str):
+def _min_distance(stain: str, args: argparse.Namespace) -> float | None:
+    """The stain's d_t, or the one ``--set min_distance=...`` gives."""
+    return _settings(stain, args).model["min_distance"]
+
+
+def _predictor(method: str, device: str, min_distance: float | None, trained: set):
+    """Predicts a slide as the benchmark does; a dual model samples at ``min_distance``
+    (the d_t it was trained at is added to ``trained`` where it differs)."""
     if method == "sliding window":
         return lambda model, entry, k: predict(
             model, entry.slide, device=device, aggregation="top-k-mean"
         )
     sampler = "random" if method == "random sampling" else "attention"
-    return lambda model, entry, k: predict(
-        model, entry.slide, device=device, sampler=sampler, seed=k
-    )
+
+    def predict_slide(model, entry, k):
+        if model.config.min_distance != min_distance:
+            trained.add(model.config.min_distance)
+            model.config.min_distance = min_distance  # a sampling setting, not a weight
+        return predict(model, entry.slide, device=device, sampler=sampler, seed=k)
+
+    return predict_slide
 
 
 def _watch(where: Where | None):
@@ -268,7 +297,8 @@ def run_her2(args) -> dict:
             **settings,
         )
         print(f"HER2 fresh test cohort (seed {args.her2_test_seed}): {len(cohort)} slides")
-    table, report, wheres, contest = {}, {}, {}, {}
+    table, report, wheres, contest, trained = {}, {}, {}, {}, set()
+    min_distance = _min_distance("her2", args)
     for method in METHODS:
         where = None if method == "sliding window" else Where(args.random_draws)
         work = evaluate_models(
@@ -276,7 +306,7 @@ def run_her2(args) -> dict:
             cohort,
             "test",
             device=args.device,
-            predict_slide=_predictor(method, args.device),
+            predict_slide=_predictor(method, args.device, min_distance, trained),
         )
         evaluation = run_to_end(work, _watch(where))
         table[method] = evaluation.models[method].metrics
@@ -291,7 +321,22 @@ def run_her2(args) -> dict:
     if contest:
         print("\nHER2 contest criteria (Table I layout):")
         print(format_her2_table(contest))
-    return {"table": report, "where": wheres, "f1": {m: t.mean.f1 for m, t in table.items()}}
+    return {
+        "table": report,
+        "where": wheres,
+        "f1": {m: t.mean.f1 for m, t in table.items()},
+        "min_distance": _distances(min_distance, trained),
+        "test_seed": args.her2_test_seed,
+    }
+
+
+def _distances(min_distance: float | None, trained: set) -> dict:
+    """The d_t the tiles were sampled at, and the other d_t the models were trained at
+    (a sampling setting changed after training is reported, never hidden)."""
+    other = sorted(trained, key=str)
+    if other:
+        print(f"d_t: tiles sampled at {min_distance} cells; models trained at {other}", flush=True)
+    return {"sampled": min_distance, "trained_where_other": other}
 
 
 def run_mmr(args) -> dict:
@@ -310,18 +355,46 @@ def run_mmr(args) -> dict:
             print(f"MMR fold {i + 1}/{FOLDS}", flush=True)
             runs = {m: roots[m] / f"fold-{i + 1}" for m in roots}
             train_methods(folds["dual attention"][i], runs, "mmr", args)
-    summaries, wheres, report = {}, {}, {}
+    if args.mmr_test_seed is not None:
+        # A fresh cohort: the same settings and size, another seed, every slide a test
+        # slide; each fold's models (trained above, or in --dir with --skip-train) are
+        # scored on all of it, and F1 and AUROC are the mean ± std over the fold models.
+        # The folds' own test slides are not looked at.
+        settings = {**COHORTS["mmr"], "seed": args.mmr_test_seed}
+        cohort = make_synthetic_cohort(
+            args.dir / "mmr" / f"test-seed-{args.mmr_test_seed}",
+            slides_per_class={"test": args.mmr_slides},
+            **settings,
+        )
+        print(f"MMR fresh test cohort (seed {args.mmr_test_seed}): {len(cohort)} slides")
+    summaries, wheres, report, trained = {}, {}, {}, set()
+    min_distance = _min_distance("mmr", args)
     for method in METHODS:
         where = None if method == "sliding window" else Where(args.random_draws)
-        work = evaluate_folds(
-            [roots[method]],
-            cohort,
-            FOLDS,
-            device=args.device,
-            predict_slide=_predictor(method, args.device),
-        )
-        cross = run_to_end(work, _watch(where))
-        (summary,) = (m.summary for m in cross.models.values())
+        predict_slide = _predictor(method, args.device, min_distance, trained)
+        if args.mmr_test_seed is None:
+            work = evaluate_folds(
+                [roots[method]], cohort, FOLDS, device=args.device, predict_slide=predict_slide
+            )
+            cross = run_to_end(work, _watch(where))
+            (summary,) = (m.summary for m in cross.models.values())
+        else:
+            folds_of = [roots[method] / f"fold-{i + 1}" for i in range(FOLDS)]
+            models = {
+                f"{method} fold {i + 1}/{FOLDS}": run / "best.safetensors"
+                for i, run in enumerate(folds_of)
+            }
+            work = evaluate_models(
+                models, cohort, "test", device=args.device, predict_slide=predict_slide
+            )
+            evaluation = run_to_end(work, _watch(where))
+            runs = list(evaluation.models.values())
+            summary = summarise_folds(
+                [[r.truth for r in e.slides] for e in runs],
+                [[r.predicted for r in e.slides] for e in runs],
+                [np.array([r.probabilities for r in e.slides]) for e in runs],
+                cohort.classes,
+            )
         summaries[method] = summary
         report[method] = {
             "f1": {
@@ -337,12 +410,20 @@ def run_mmr(args) -> dict:
         }
         if where is not None:
             wheres[method] = report[method]["where"] = where.summary()
-    print(f"\nMMR ({FOLDS}-fold cross-validation), Table II layout:")
+    if args.mmr_test_seed is None:
+        print(f"\nMMR ({FOLDS}-fold cross-validation), Table II layout:")
+    else:
+        print(
+            f"\nMMR fresh cohort (seed {args.mmr_test_seed}, {len(cohort)} slides), mean ± std "
+            f"over the {FOLDS} fold models, Table II layout:"
+        )
     print(format_mmr_table(summaries))
     return {
         "table": report,
         "where": wheres,
         "f1": {m: s.f1.mean for m, s in summaries.items()},
+        "min_distance": _distances(min_distance, trained),
+        "test_seed": args.mmr_test_seed,
     }
 
 
@@ -360,7 +441,9 @@ def checks_for(stain: str, result: dict) -> list[tuple[str, float, str, float]]:
 
 
 def print_where(stain: str, result: dict) -> None:
-    print(f"\n{stain.upper()}: where the sampled tiles went (test slides)")
+    seed = result.get("test_seed")
+    slides = "test slides" if seed is None else f"fresh cohort, seed {seed}"
+    print(f"\n{stain.upper()}: where the sampled tiles went ({slides})")
     print(
         f"{'method':<18}{'on tumour':>10}{'uniform':>9}{'ratio':>7}{'on artefacts':>14}"
         f"{'uniform':>9}{'A on tumour':>13}{'tumour cells':>14}"
@@ -417,12 +500,27 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="test the HER2 models on a fresh test cohort from this seed (same settings)",
     )
+    parser.add_argument(
+        "--mmr-test-seed",
+        type=int,
+        default=None,
+        help="score each MMR fold's models on a fresh cohort from this seed (same settings "
+        "and size) instead of the folds' test slides",
+    )
     parser.add_argument("--random-draws", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--hard", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    used = {c["seed"] for c in COHORTS.values()}
+    for flag, seed in (
+        ("--her2-test-seed", args.her2_test_seed),
+        ("--mmr-test-seed", args.mmr_test_seed),
+    ):
+        if seed in used:
+            # slide k of a cohort gets seed * 100003 + k: the same seed gives the same slides
+            parser.error(f"{flag} {seed}: a benchmark cohort's seed; fresh slides need another")
     per = dict(PER_CLASS["her2"])
     for item in args.her2_per_class or ():
         split, _, n = item.partition("=")
@@ -439,7 +537,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     start = time.perf_counter()
-    report: dict = {"cohorts": COHORTS, "per_class": PER_CLASS, "folds": FOLDS, "stains": {}}
+    report: dict = {
+        "cohorts": COHORTS,
+        "per_class": PER_CLASS,
+        "folds": FOLDS,
+        "min_distance": MIN_DISTANCE,
+        "stains": {},
+    }
     checks = []
     for stain in args.stains:
         result = run_her2(args) if stain == "her2" else run_mmr(args)
