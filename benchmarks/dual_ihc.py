@@ -427,6 +427,75 @@ def run_mmr(args) -> dict:
     }
 
 
+def mmr_distances_on_training(args) -> dict:
+    """Where each MMR fold's dual model sends its tiles on that fold's train and val slides
+    (never its test slides) at each d_t of ``--mmr-train-distances``: the measure d_t for
+    MMR was chosen on. The soft attention and the sampling as inference makes them
+    (``inference.dual.select_tiles`` on the slide's view), the noise drawn
+    ``--distance-draws`` times per slide (seeds 0, 1, ...); the measures are ``Where``'s.
+    """
+    from types import SimpleNamespace
+
+    from napari_slide_attention.inference.common import opened, slide_facts
+    from napari_slide_attention.inference.dual import select_tiles
+    from napari_slide_attention.models.checkpoint import load_model
+    from napari_slide_attention.slide.sampling import read_view, tile_edge_px
+    from napari_slide_attention.train.crossval import read_fold_cohorts
+
+    run = args.dir / "mmr" / "run-dual-attention"
+    names = {d: "tile edge" if d is None else f"{d:g}" for d in args.mmr_train_distances}
+    folds: dict[int, dict[str, Where]] = {}
+    for i, fold in enumerate(read_fold_cohorts(run, FOLDS), 1):
+        model, _ = load_model(run / f"fold-{i}" / "best.safetensors", "cpu")
+        entries = [*fold.split("train"), *fold.split("val")]  # never fold.split("test")
+        print(f"MMR fold {i}: {len(entries)} train and val slides", flush=True)
+        wheres = folds[i] = {name: Where(args.random_draws) for name in names.values()}
+        for entry in entries:
+            with opened(entry.slide, None) as slide:
+                tile_px = tile_edge_px(slide, model.config.tile_um)
+                view = read_view(slide, model.config.view_downsample)
+                facts = slide_facts(slide)
+                for distance, name in names.items():
+                    model.config.min_distance = distance
+                    for draw in range(args.distance_draws):
+                        rng = np.random.default_rng(draw)
+                        chosen = select_tiles(model, view, slide.dimensions, tile_px, rng)
+                        result = SimpleNamespace(
+                            arrays={
+                                "tile_boxes": chosen.boxes,
+                                "soft_attention": chosen.attention_map,
+                                "soft_tissue": chosen.tissue,
+                            },
+                            info={"soft_attention": {"cell_size": chosen.cell_px}},
+                            slide_info=facts,
+                        )
+                        wheres[name].add(result, entry, draw)
+    pooled = {}
+    for name in names.values():
+        every = pooled[name] = Where(args.random_draws)
+        every.rows = [r for wheres in folds.values() for r in wheres[name].rows]
+    table = {
+        f"fold {i}": {n: w.summary() for n, w in wheres.items()} for i, wheres in folds.items()
+    }
+    table["pooled"] = {n: w.summary() for n, w in pooled.items()}
+    print(
+        f"\nMMR: each fold's dual model on that fold's train and val slides, "
+        f"{args.distance_draws} noise draws per slide"
+    )
+    print(
+        f"{'slides':<8}{'d_t':>10}{'on tumour':>11}{'uniform':>9}{'ratio':>7}"
+        f"{'on artefacts':>14}{'uniform':>9}{'ratio':>7}{'A on tumour':>13}"
+    )
+    for part, by_distance in table.items():
+        for name, w in by_distance.items():
+            print(
+                f"{part:<8}{name:>10}{w['tumour']:11.3f}{w['uniform_tumour']:9.3f}"
+                f"{w['tumour_ratio']:7.2f}{w['artefact']:14.3f}{w['uniform_artefact']:9.3f}"
+                f"{w['artefact_ratio']:7.2f}{w['attention_mass']:13.3f}"
+            )
+    return {"train_distances": table, "draws": args.distance_draws}
+
+
 def checks_for(stain: str, result: dict) -> list[tuple[str, float, str, float]]:
     where = result["where"]["dual attention"]
     measured = {
@@ -507,12 +576,27 @@ def main(argv: list[str] | None = None) -> int:
         help="score each MMR fold's models on a fresh cohort from this seed (same settings "
         "and size) instead of the folds' test slides",
     )
+    parser.add_argument(
+        "--mmr-train-distances",
+        nargs="+",
+        default=None,
+        metavar="D",
+        help="only measure where each MMR fold's dual model sends its tiles on that fold's "
+        "train and val slides at these d_t (cells; 'edge' = the tile edge); no test slide",
+    )
+    parser.add_argument("--distance-draws", type=int, default=10)
     parser.add_argument("--random-draws", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--hard", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        args.mmr_train_distances = [
+            None if d == "edge" else float(d) for d in args.mmr_train_distances or ()
+        ]
+    except ValueError:
+        parser.error("--mmr-train-distances takes numbers of cells or 'edge'")
     used = {c["seed"] for c in COHORTS.values()}
     for flag, seed in (
         ("--her2-test-seed", args.her2_test_seed),
@@ -545,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
         "stains": {},
     }
     checks = []
+    if args.mmr_train_distances:
+        report["stains"]["mmr"] = mmr_distances_on_training(args)
+        args.stains = []
     for stain in args.stains:
         result = run_her2(args) if stain == "her2" else run_mmr(args)
         report["stains"][stain] = result
