@@ -15,7 +15,8 @@ The run directory holds:
 ``last.safetensors``, ``best.safetensors``  the latest, and the best by validation
                                loss or mean F1 (``select``; training loss without a
                                validation split)
-``training-state.safetensors`` optimiser, schedule and random state, to resume
+``training-state.safetensors`` weights, optimiser state, epoch, best epoch and log rows
+                               in one file, written last: what a resume starts from
 ``log.csv``, ``log.json``      one row per epoch: loss, lr, validation metrics, time
 """
 
