@@ -162,9 +162,10 @@ def test_a_damaged_label_image_is_left_out_and_the_slide_opens(tmp_path):
         ({322: (4, 0)}, "level 0 has tile width 0"),
         ({323: (4, 0)}, "level 0 has tile height 0"),
         ({322: (4, 2**16), 323: (4, 2**16)}, "one tile of level 0 decodes to 12288 MiB"),
+        ({262: (3, 65535)}, "level 0 has photometric interpretation 65535"),
     ],
 )
-def test_absurd_sizes_are_refused_before_anything_is_built(tmp_path, tags, problem):
+def test_absurd_tags_are_refused_before_anything_is_built(tmp_path, tags, problem):
     path = tmp_path / "absurd.tif"
     path.write_bytes(raw_rgb_tiff(64, 64, extra_tags=tags))
     with deadline(10), pytest.raises(SlideError, match=rf"absurd\.tif: .*{problem}"):

@@ -8,7 +8,7 @@ build graphs and buffers for a 10⁹-pixel image of a 1 kB file. ``check_level``
 such levels with a ``SlideError`` that says what is wrong, before any array exists:
 
 * sizes: every dimension, tile and strip at least 1; a decoder for the compression; a
-  sample type numpy knows;
+  sample type numpy knows; a known photometric interpretation;
 * bounds: a level holds at most ``_PIXELS_PER_FILE_BYTE`` pixels per byte of the file
   (real slides hold under 100; ``_MIN_PIXEL_BOUND`` for small files), and one decoded
   tile or strip takes at most the file's size plus ``_MAX_SEGMENT_EXTRA`` bytes, so a
@@ -117,6 +117,12 @@ def _check_sizes(path: Path, name: str, page: tifffile.TiffPage) -> None:
             f"unsupported TIFF: {name} has {page.bitspersample!r} bits per sample of sample "
             f"format {int(page.sampleformat)}, which no reader here decodes",
         )
+    if not isinstance(page.photometric, tifffile.PHOTOMETRIC):
+        raise SlideError(
+            path,
+            f"unsupported TIFF: {name} has photometric interpretation {page.photometric!r}, "
+            "which no reader here knows",
+        )
     if page.compression not in tifffile.TIFF.DECOMPRESSORS:
         raise SlideError(
             path,
@@ -198,13 +204,15 @@ def _check_offsets(
         if (counts < 0).any():
             raise SlideError(path, f"damaged TIFF: {where} has negative {word} byte counts")
         sparse += int(np.count_nonzero(~stored))
-        past = stored & (offsets + counts > file_size)
+        # Multi-file OME-TIFF: a page's tiles lie in the file that holds the page.
+        size = _own_file_size(page, file_size)
+        past = stored & (offsets + counts > size)
         beyond += int(np.count_nonzero(past))
         if past.any() and not per_tile_check:
             raise SlideError(
                 path,
                 f"truncated file: {int(np.count_nonzero(past))} {word}s of {where} lie beyond "
-                f"the end of the file ({file_size} bytes); the file was cut short while "
+                f"the end of the file ({size} bytes); the file was cut short while "
                 "copying or writing",
             )
     total = expected * count
@@ -223,6 +231,14 @@ def _check_offsets(
             f"file ({file_size} bytes); reading them fails"
         )
     return notes
+
+
+def _own_file_size(page, default: int) -> int:
+    """The size of the file a page is stored in (another file's, in multi-file series)."""
+    try:
+        return int(page.parent.filehandle.size)
+    except Exception:
+        return default
 
 
 def _size_text(page: tifffile.TiffPage) -> str:
