@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 
 from ...jobs import Job, Progress, Stopped
 from ...results import ResultError, SlideResult, is_result_directory
+from ...slide.reader import SlideError
 from ..layers import inspect_at
 from ..reader import open_result_slide, result_slide_path
 from ..session import PartialResult, connect_while_alive, session_for
@@ -561,8 +562,11 @@ class ModelPanel(QWidget):
     def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, Stopped):  # Cancel: no error to report
             self.status.setText(exc.reason)
-        else:
-            self.status.setText(error_html(f"{type(exc).__name__}: {exc}"))
+        elif isinstance(exc, (SlideError, ValueError, OSError)):
+            # bad input: the same line the command line prints (file and problem)
+            self.status.setText(error_html(str(exc)))
+        else:  # a failure nobody foresaw: say so, as the command line does
+            self.status.setText(error_html(f"internal error: {type(exc).__name__}: {exc}"))
 
     def _on_finished(self) -> None:
         if self.job is not None and self.job.stopping and not self.status.text().startswith("done"):
