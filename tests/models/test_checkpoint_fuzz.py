@@ -204,7 +204,9 @@ def mutated(draw, originals):
     notes = []
     for _ in range(draw(st.integers(1, 3))):
         what = draw(
-            st.sampled_from(["set", "set", "set", "delete", "add", "scale", "metadata", "tensor"])
+            st.sampled_from(
+                ["set", "set", "set", "delete", "add", "scale", "metadata", "tensor", "extra"]
+            )
         )
         paths = list(_paths(config))
         path = draw(st.sampled_from(paths))
@@ -246,6 +248,12 @@ def mutated(draw, originals):
             else:
                 metadata[key] = choice
             notes.append(f"metadata[{key!r}]={choice!r}")
+        elif what == "extra":  # harmless: the extras are facts beside the model
+            key = draw(st.sampled_from(["epoch", "metrics", "cohort", "settings"]))
+            value = draw(JSON_VALUES)
+            extra = json.loads(originals[kind][0]["extra"])
+            metadata["extra"] = json.dumps({**extra, key: value})
+            notes.append(f"extra[{key!r}]={value!r}")
         elif what == "tensor":
             name = draw(st.sampled_from(sorted(tensors)))
             change = draw(st.sampled_from(["drop", "add", "flatten", "double", "widen", "int"]))
