@@ -157,8 +157,8 @@ JSON_VALUES = st.one_of(
     st.sampled_from([0, -1, 1, 2, 3, 7, 10**6, 10**12, 2**63, -(10**30), 10**400]),
     st.sampled_from([0.0, -1.5, 0.001, 1e-300, 1e300, math.inf, -math.inf, math.nan, 2.5]),
     st.text(max_size=8),
-    st.just([]),
-    st.just({}),
+    st.builds(list),  # a new one each time: mutations add to objects in place
+    st.builds(dict),
     st.lists(st.integers(-3, 5000), max_size=4),
     st.lists(st.text(max_size=3), max_size=4),
     st.dictionaries(st.text(max_size=5), st.integers(-2, 9), max_size=3),
