@@ -200,14 +200,14 @@ def test_cli_options_reach_the_settings(tiny_cohort, tmp_path):
 def test_bad_values_get_one_clean_line(tiny_cohort, tmp_path, capsys, options, said):
     code = main(_train_args(tiny_cohort, tmp_path, *options))
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("slide-attention: error:") and said in err
+    assert code == 2 and err.startswith("slide-attention: error:") and said in err
     assert err.strip().count("\n") == 0
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_dual_options_are_refused_for_other_models(tiny_cohort, tmp_path, capsys):
     args = ["train", "grid", "--cohort", str(tiny_cohort.path), "--out", str(tmp_path / "g")]
-    assert main([*args, "--tile-labels", "regions"]) == 1
+    assert main([*args, "--tile-labels", "regions"]) == 2
     err = capsys.readouterr().err
     assert "settings of train dual" in err and err.strip().count("\n") == 0
 
