@@ -146,7 +146,7 @@ def test_a_damaged_label_image_is_left_out_and_the_slide_opens(tmp_path):
         label.tags["ImageWidth"].overwrite(10**9)
     slide = open_slide(path)
     assert "label" not in slide.associated and "macro" in slide.associated
-    assert any(note.startswith("label image ignored: damaged TIFF") for note in slide.notes)
+    assert any(note.startswith("label image ignored: damaged") for note in slide.notes)
 
 
 # -- sizes ------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_a_damaged_label_image_is_left_out_and_the_slide_opens(tmp_path):
 @pytest.mark.parametrize(
     ("tags", "problem"),
     [
-        ({256: (4, 10**9)}, "claims 1000000000 x 64 px .* far more than a file of"),
+        ({256: (4, 10**9)}, "claims 1000000000 x 64 px .* a file of 12568 bytes"),
         ({257: (4, 10**9)}, "claims 64 x 1000000000 px"),
         ({256: (4, 0)}, "level 0 has width 0"),
         ({257: (9, -64)}, "level 0 has height -64"),

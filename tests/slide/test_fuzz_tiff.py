@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -61,6 +62,7 @@ class Sandbox:
         self.process: subprocess.Popen | None = None
         self.outcomes: collections.Counter = collections.Counter()
         self.failures: list[dict] = []
+        self.problems: collections.Counter = collections.Counter()
         self.started_rss_mib = 0  # the reading process's memory once its imports are done
         self.peak_rss_mib = 0
 
@@ -114,6 +116,7 @@ class Sandbox:
         key = answer["outcome"]
         if key == "slide_error":
             key = f"slide_error at {answer['stage']}"
+            self.problems[_problem_kind(answer["message"], path)] += 1
         self.outcomes[key] += 1
         if not _clean(answer):
             self.failures.append({"path": path.name, **answer})
@@ -124,6 +127,13 @@ class Sandbox:
             self.process.stdin.close()
             self.process.wait(timeout=30)
             self.process = None
+
+
+def _problem_kind(message: str, path: Path) -> str:
+    """A SlideError's problem without the file, numbers and details: its kind."""
+    problem = message.removeprefix(f"{path}: ")
+    problem = re.split(r"[:;(]", problem)[0]
+    return re.sub(r"\d+", "N", problem).strip()
 
 
 def _clean(answer: dict) -> bool:
@@ -145,6 +155,7 @@ def _report(name: str, box: Sandbox) -> None:
     summary = {
         "cases": total,
         "outcomes": dict(sorted(box.outcomes.items())),
+        "slide_errors": dict(box.problems.most_common()),
         "reader_rss_mib": {"after_imports": box.started_rss_mib, "peak": box.peak_rss_mib},
     }
     print(f"\n{name}: {json.dumps(summary)}")

@@ -301,8 +301,9 @@ def _tiff_associated(
 ) -> dict[str, Any]:
     """Associated images of a TIFF slide by name: readers that decode on first access.
 
-    One whose directory cannot be right (``tiff_checks``) is left out with a note, so
-    reading it can neither fail later nor allocate what the file cannot hold.
+    One whose directory cannot be right or whose data is cut short (``tiff_checks``) is
+    left out with a note, so reading it can neither fail later nor allocate what the
+    file cannot hold.
     """
     found: dict[str, Any] = {}
     for series in all_series:
@@ -313,10 +314,13 @@ def _tiff_associated(
         if key is None or key in found:
             continue
         try:
-            check_level(path, 0, series, file_size, header_bytes(tif))
+            level_notes = check_level(path, 0, series, file_size, header_bytes(tif))
         except SlideError as exc:
-            problem = exc.problem.replace("level 0", f"the {key} image")
-            notes.append(f"{key} image ignored: {problem}")
+            problem = exc.problem
+        else:  # cut short: reading it would fail later, and the slide does not need it
+            problem = next((n for n in level_notes if "beyond the end" in n), "")
+        if problem:
+            notes.append(f"{key} image ignored: {problem.replace('level 0', f'the {key} image')}")
             continue
         found[key] = _series_reader(series)
     return found
