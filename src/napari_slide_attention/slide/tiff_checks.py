@@ -9,10 +9,11 @@ such levels with a ``SlideError`` that says what is wrong, before any array exis
 
 * sizes: every dimension, tile and strip at least 1; a decoder for the compression; a
   sample type numpy knows; a known photometric interpretation;
-* bounds: a level holds at most ``_PIXELS_PER_FILE_BYTE`` pixels per byte of the file
-  (real slides hold under 100; ``_MIN_PIXEL_BOUND`` for small files), and one decoded
-  tile or strip takes at most the file's size plus ``_MAX_SEGMENT_EXTRA`` bytes, so a
-  file cannot make the reader allocate much more than itself;
+* bounds: a level has no more tiles or strips than the file can list offsets for
+  (``_MIN_ENTRY_BYTES`` each; sparse tiles count, so a mostly empty 200,000 px slide of
+  13 MB opens), and one decoded tile or strip takes at most the file's size plus
+  ``_MAX_SEGMENT_EXTRA`` bytes, so a file cannot make the reader allocate much more than
+  itself;
 * offsets: one offset and one byte count per tile or strip (no fewer, no more), none
   pointing into the file header, and some tile stored. Tiles with byte count 0 are
   sparse (never written; GDAL and tifffile write blank tiles so) and read as the fill
@@ -32,12 +33,9 @@ import tifffile
 
 from .reader import SlideError
 
-# Pixels a level may have per byte of the file: JPEG tiles of blank glass hold ~65, zlib
-# ones ~330, a mostly sparse slide a few hundred; a 10⁹-pixel claim in a 1 MB file is a
-# damaged size tag.
-_PIXELS_PER_FILE_BYTE = 1024
-# Small files may claim this many pixels (8192 x 8192) whatever their size.
-_MIN_PIXEL_BOUND = 1 << 26
+# Bytes the file holds for each tile or strip at the least: its offset and byte count,
+# as SHORTs (2 bytes each) in the smallest of files.
+_MIN_ENTRY_BYTES = 4
 # A decoded tile or strip may exceed the file's own size by this much (compressed data).
 _MAX_SEGMENT_EXTRA = 256 << 20
 # Image planes (pages) one level may span: channels of a multiplexed scan, not more.
@@ -68,13 +66,17 @@ def check_level(
     shape = tuple(int(v) for v in level.shape)
     if any(v < 1 for v in shape):
         raise SlideError(path, f"damaged TIFF: {name} has shape {shape}")
-    pixels = math.prod(shape) // max(1, int(page.samplesperpixel))
-    bound = max(_MIN_PIXEL_BOUND, _PIXELS_PER_FILE_BYTE * file_size)
-    if pixels > bound:
+    # Every tile or strip the size tags give needs an offset and a byte count in the file,
+    # whether stored or sparse: a size no file of this size can list is a damaged tag.
+    # (A bound on pixels per byte would refuse real sparse slides: a 200,000 px square
+    # of glass with three tissue pieces is 13 MB, 3,000 pixels a byte.)
+    segments = math.prod(int(v) for v in page.chunked)
+    if segments * _MIN_ENTRY_BYTES > file_size:
+        word = "tiles" if page.is_tiled else "strips"
         raise SlideError(
             path,
-            f"damaged TIFF: {name} claims {_size_text(page)} ({_count(pixels)} pixels), "
-            f"far more than a file of {file_size} bytes can hold; its size tags are wrong",
+            f"damaged TIFF: {name} claims {_size_text(page)} in {_count(segments)} {word}, "
+            f"more than a file of {file_size} bytes can list; its size tags are wrong",
         )
     segment_bytes = math.prod(int(v) for v in page.chunks) * dtype.itemsize
     if segment_bytes > file_size + _MAX_SEGMENT_EXTRA:

@@ -499,10 +499,13 @@ def tissue_mask(slide: SlideLike, params: TissueParams | None = None) -> TissueM
     mpp = None if slide.mpp is None else _mpp_pair(slide.mpp)
     if mpp is not None:
         target_ds = params.mask_mpp / (0.5 * (mpp[0] + mpp[1]))
-        level = slide.level_for(mpp=params.mask_mpp)
     else:
         target_ds = params.mask_downsample
-        level = slide.level_for(downsample=params.mask_downsample)
+    # A mask larger than max_mask_side would be block-averaged down to it anyway: read the
+    # coarsest level that still gives that, not a finer one (a 200,000 px slide's mask
+    # then reads 625 tiles of a 6,250 px level instead of 2,401 of a 12,500 px one).
+    longest = max(int(v) for v in slide.level_info[0].shape[:2])
+    level = slide.level_for(downsample=max(target_ds, longest / params.max_mask_side))
 
     arr = slide.levels[level]
     if arr.ndim == 3 and slide.rgb and arr.shape[-1] in (3, 4):
