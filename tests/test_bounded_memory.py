@@ -44,13 +44,11 @@ def sparse_slide(tmp_path_factory):
 
 
 def _model(kind: str, folder):
-    from tiny_models import TINY_HARD
-
     from napari_slide_attention.models.checkpoint import save_checkpoint
     from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
     from napari_slide_attention.models.grid_attention import GridAttention, GridAttentionConfig
-
     from napari_slide_attention.models.sliding_window import CropClassifier, SlidingWindowConfig
+    from tiny_models import TINY_HARD
 
     if kind == "grid":
         config = GridAttentionConfig(classes=CLASSES, n_maps=2, tile_um=128.0, input_px=32)

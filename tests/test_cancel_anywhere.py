@@ -36,9 +36,8 @@ def _sliding_window():
 
 
 def _dual():
-    from tiny_models import TINY_HARD
-
     from napari_slide_attention.models.dual_attention import DualAttention, DualAttentionConfig
+    from tiny_models import TINY_HARD
 
     config = DualAttentionConfig(
         classes=CLASSES, tile_um=128.0, n_tiles=4, feature_px=64, hard=TINY_HARD

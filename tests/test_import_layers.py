@@ -19,7 +19,7 @@ NAME = "napari_slide_attention"
 
 # What each layer may import of ours (besides itself).
 ALLOWED = {
-    "shared": set(),  # jobs.py, results.py, __init__.py
+    "shared": set(),  # jobs.py, results.py, files.py, __init__.py
     "slide": {"shared"},
     "models": {"slide", "shared"},
     "inference": {"models", "slide", "shared"},
@@ -29,7 +29,7 @@ ALLOWED = {
     "_napari": {"train", "inference", "models", "slide", "labels", "shared"},
 }
 LAYERS = sorted(ALLOWED)
-SHARED = {"jobs", "results", "__init__", "__main__"}
+SHARED = {"jobs", "results", "files", "__init__", "__main__"}
 # Third-party packages a layer must not import.
 FORBIDDEN_PACKAGES = {
     "torch": {"slide", "labels", "shared"},

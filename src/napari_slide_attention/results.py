@@ -45,8 +45,8 @@ __all__ = [
     "RESULT_FORMAT_VERSION",
     "PieceResult",
     "ResultError",
-    "check_result_target",
     "SlideResult",
+    "check_result_target",
     "is_result_directory",
 ]
 

@@ -410,7 +410,7 @@ def test_training_state_keeps_plain_number_state(tmp_path):
 
 # -- files --------------------------------------------------------------------------------
 def test_checkpoints_and_their_copies_get_the_mode_of_an_ordinary_file(tmp_path):
-    from napari_slide_attention.models.checkpoint import atomic_copy, atomic_write_text
+    from napari_slide_attention.files import atomic_copy, atomic_write_text
 
     plain = tmp_path / "plain"
     plain.write_bytes(b"")

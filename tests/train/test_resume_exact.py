@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_slide_attention.models.checkpoint import is_temporary, read_checkpoint
+from napari_slide_attention.files import is_temporary
+from napari_slide_attention.models.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write_text
 from ..slide.boxes import box_centres, on_mask
 from ..slide.reader import open_slide
 from ..slide.synthetic import read_sidecar, sample_slide, tumour_mask_truth, write_synthetic_slide
@@ -385,8 +386,9 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
         *[f"| {k} | {v:.2f} |" for k, v in timings.items()],
         "",
     ]
-    report.write_text("\n".join(lines))
-    (out / "report.json").write_text(
+    atomic_write_text(report, "\n".join(lines))
+    atomic_write_text(
+        out / "report.json",
         json.dumps(
             {
                 "slide": facts,
@@ -415,7 +417,7 @@ def run_demo(out: Path, headless: bool = False, size: int = 8192) -> int:
                 },
             },
             indent=2,
-        )
+        ),
     )
     print(f"demo: wrote {report} and {len(shots)} screenshot(s) in {out}")
     return 0

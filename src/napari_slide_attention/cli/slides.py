@@ -137,13 +137,14 @@ def cmd_tissue(args: argparse.Namespace) -> int:
     import imagecodecs
     import numpy as np
 
+    from ..files import atomic_write_bytes
     from ..slide.tissue import tile_grid, tissue_mask, tissue_pieces
 
     slide = open_slide(args.slide, args.mpp)
     mask = tissue_mask(slide, tissue_params(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(imagecodecs.png_encode(mask.mask.astype(np.uint8) * 255))
+    atomic_write_bytes(out, imagecodecs.png_encode(mask.mask.astype(np.uint8) * 255))
     pieces = tissue_pieces(mask, mpp=slide.mpp)
     summary: dict[str, Any] = {
         "slide": str(slide.path),

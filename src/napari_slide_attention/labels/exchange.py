@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text, written_atomically
 from .records import (
     REGION_KINDS,
     UNCLASSIFIED,
@@ -79,7 +80,7 @@ def write_geojson(path: str | os.PathLike, regions: Iterable[tuple[Region, str]]
                 },
             }
         )
-    _write_atomically(
+    atomic_write_text(
         Path(path), json.dumps({"type": "FeatureCollection", "features": features}, indent=1)
     )
     return len(features)
@@ -119,20 +120,11 @@ def write_csv(
                     json.dumps([list(v) for v in region.geometry]),
                 ]
             )
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with written_atomically(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
-    os.replace(tmp, path)
     return len(rows)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _label_colour(label: str) -> list[int]:

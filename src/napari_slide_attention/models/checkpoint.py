@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files import commit, temp_sibling
 from .registry import KINDS, model_kind
 
 if TYPE_CHECKING:
@@ -42,10 +41,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "Checkpoint",
     "CheckpointError",
-    "atomic_copy",
-    "atomic_write_text",
     "check_fits",
-    "is_temporary",
     "load_model",
     "model_config",
     "read_checkpoint",
@@ -102,39 +98,9 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict
     write(tensors, filename, metadata=metadata)
 
 
-def _temp_sibling(path: Path) -> Path:
-    """A new, empty file beside ``path`` with a hidden temporary name, created as a plain
-    ``open`` would (mode 0666 less the umask: ``tempfile.mkstemp`` would give 0600, and
-    a checkpoint renamed from it would differ from its copies)."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to disk and rename it over ``path`` (then flush the rename)."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a directory that cannot be opened (some platforms): skip
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
+    tmp = temp_sibling(path)
     mode = tmp.stat().st_mode & 0o777
     try:
         # safetensors wants contiguous tensors that share no memory
@@ -144,47 +110,11 @@ def _atomic_save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], 
             metadata=metadata,
         )
         os.chmod(tmp, mode)  # safetensors writes its file anew, as 0600
-        _commit(tmp, path)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Copy ``source`` over ``target`` through a temporary sibling and a rename, so
-    ``target`` is always either the old file or a complete copy; returns ``target``."""
-    source, target = Path(source), Path(target)
-    tmp = _temp_sibling(target)
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-        _commit(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename."""
-    path = Path(path)
-    tmp = _temp_sibling(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def is_temporary(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is named as this module's temporary files are (a write that a
-    crash cut short leaves one behind; nothing reads them)."""
-    name = Path(path).name
-    return bool(re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name))
 
 
 def save_checkpoint(

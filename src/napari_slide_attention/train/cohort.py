@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..files import atomic_write_text, written_atomically
 from ..slide.boxes import Box
 
 __all__ = ["SPLITS", "Cohort", "CohortEntry", "CohortError", "read_cohort", "write_cohort"]
@@ -253,7 +254,7 @@ def write_cohort(path: str | os.PathLike, cohort: Cohort) -> Path:
     """Write a cohort manifest (slide paths relative to the file when possible)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with written_atomically(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         with_mpp = any(e.mpp is not None for e in cohort.entries)
         writer.writerow(["slide", "label", "split", "case", "lesions"] + ["mpp"] * with_mpp)
@@ -390,12 +391,9 @@ def _record_settings(directory: Path, settings: dict, per: dict[str, int]) -> No
                 f"({', '.join(changed)} differ); use another folder"
             )
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(f".{record.name}.tmp")
-    tmp.write_text(
-        json.dumps({**settings, "slides_per_class": dict(per)}, indent=2) + "\n",
-        encoding="utf-8",
+    atomic_write_text(
+        record, json.dumps({**settings, "slides_per_class": dict(per)}, indent=2) + "\n"
     )
-    os.replace(tmp, record)
 
 
 def _is_current(path: Path, read_sidecar, stain: str, label: str, seed: int, size) -> bool:

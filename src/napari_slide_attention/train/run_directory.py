@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files import atomic_copy, atomic_write_text, is_temporary
 from ..jobs import Progress
 from ..models.checkpoint import (
     Checkpoint,
     CheckpointError,
-    atomic_copy,
-    atomic_write_text,
     check_fits,
-    is_temporary,
     read_checkpoint,
     save_checkpoint,
 )
