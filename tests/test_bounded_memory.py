@@ -68,10 +68,7 @@ def _limited() -> None:  # in the child, before it runs anything
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
 
 
-# Dual attention is not here yet: its soft attention convolves the whole x32 view at once,
-# so its memory grows with the slide's area (a 200,000 px slide's 6,250 px view needs a
-# 1.25 GB feature map in the first layer): docs/reliability.md, "Bounded memory".
-@pytest.mark.parametrize("kind", ["grid", "sliding-window"])
+@pytest.mark.parametrize("kind", ["grid", "sliding-window", "dual"])
 def test_predict_on_a_200k_px_slide_stays_under_the_memory_bound(sparse_slide, tmp_path, kind):
     model = _model(kind, tmp_path)
     out = tmp_path / "result"
@@ -99,4 +96,7 @@ def test_predict_on_a_200k_px_slide_stays_under_the_memory_bound(sparse_slide, t
     assert peak < RSS_BOUND, f"peak resident memory {peak / 2**20:.0f} MiB"
     result = json.loads(stdout.read_text())
     assert result["slide"].endswith("canvas.tif")
-    assert len(result["pieces"]) == 3  # the three copies' tissue, nothing of the glass
+    if kind == "dual":  # its tiles come from the copies' tissue
+        assert result["info"]["tiles"] == 4  # N tiles sampled and classified
+    else:
+        assert len(result["pieces"]) == 3  # the three copies' tissue, nothing of the glass

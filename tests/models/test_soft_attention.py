@@ -201,3 +201,23 @@ def test_a_gradient_step_on_the_entropy_loss_spreads_the_attention():
     torch.testing.assert_close(
         entropy_loss(before.attention, before.tissue, 0.5), 0.5 * loss.detach()
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SoftAttentionConfig(), SoftAttentionConfig(layers=5, pool=3, kernel=5)],
+    ids=["her2", "mmr"],
+)
+def test_logits_in_strips_are_those_of_one_pass(config):
+    """A large view runs in strips of rows with a halo (bounded memory): every cell must
+    get the logit it gets from the whole view, at the strips' seams too."""
+    torch.manual_seed(0)
+    model = SoftAttention(config).eval()
+    torch.nn.init.normal_(model.score.weight)  # (zeros at init: every logit alike)
+    image = torch.randint(0, 256, (2, 3, 203, 157), dtype=torch.uint8)
+    whole = model.cell_logits(image, strip_pixels=10**9)
+    assert whole.shape == (2, *model.grid_shape(203, 157))
+    for strip_pixels in (1, 1000, 20_000):  # one cell row per strip, a few, two strips
+        torch.testing.assert_close(model.cell_logits(image, strip_pixels), whole)
+    as_float = image.float() / 255
+    torch.testing.assert_close(model.cell_logits(as_float, 1000), whole)

@@ -253,7 +253,7 @@ class DualAttention(nn.Module):
             explore: with the soft attention's ``top_k``, draw its k cells from A with
                 this generator (training) instead of taking the k largest.
         """
-        image = view.permute(0, 3, 1, 2).float().div(255.0)  # (B, 3, h, w)
+        image = view.permute(0, 3, 1, 2)  # (B, 3, h, w) uint8: floats strip by strip
         return self.soft(image, tissue, explore=explore)
 
     def soft_loss(

@@ -53,6 +53,11 @@ __all__ = [
 ]
 
 
+# Pixels of a view the soft attention's feature network holds at once with 8 channels
+# (``cell_logits``; fewer with more): 4 M pixels, 128 MiB of float32 features a layer.
+STRIP_PIXELS = 1 << 22
+
+
 @dataclass
 class SoftAttentionConfig:
     """Sizes and settings of the soft attention model (paper's HER2 values by default).
@@ -162,11 +167,15 @@ def pool_tissue(tissue: torch.Tensor, pool: int, min_tissue: float = 0.5) -> tor
     batch, height, width = tissue.shape
     rows, cols = math.ceil(height / pool), math.ceil(width / pool)
     pad = (0, cols * pool - width, 0, rows * pool - height)
-    counts = F.pad(tissue.float(), pad)  # (B, h'·pool, w'·pool); padding is not tissue
-    inside = F.pad(torch.ones_like(tissue, dtype=torch.float32), pad)
-    counts = counts.reshape(batch, rows, pool, cols, pool).sum(dim=(2, 4))  # (B, h', w')
-    inside = inside.reshape(batch, rows, pool, cols, pool).sum(dim=(2, 4))  # (B, h', w')
-    return counts >= min_tissue * inside
+    # One byte per pixel: a 6,250 px view's mask in floats would take 156 MB a copy.
+    counts = F.pad(tissue.to(torch.uint8), pad)  # (B, h'·pool, w'·pool); padding: no tissue
+    counts = counts.reshape(batch, rows, pool, cols, pool).sum(dim=(2, 4), dtype=torch.int32)
+    # pixels of each cell inside the image: pool², less at the last row and column
+    tall = torch.full((rows,), pool, dtype=torch.int32, device=tissue.device)
+    wide = torch.full((cols,), pool, dtype=torch.int32, device=tissue.device)
+    tall[-1], wide[-1] = height - (rows - 1) * pool, width - (cols - 1) * pool
+    inside = tall[:, None] * wide[None, :]  # (h', w')
+    return counts >= min_tissue * inside  # (B, h', w')
 
 
 def tissue_softmax(logits: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:
@@ -348,15 +357,39 @@ class SoftAttention(nn.Module):
                 f"tissue must be (B, h, w) = {(batch, height, width)}, "
                 f"got shape {tuple(tissue.shape)}"
             )
-        if image.dtype == torch.uint8:
-            image = image.float() / 255.0
-        x = (image.float() - self.mean) / self.std
-        x = self.pool(self.features(x))  # (B, c, h', w')
-        logits = self.score(x)[:, 0]  # (B, h', w')
+        logits = self.cell_logits(image)  # (B, h', w')
         cells = pool_tissue(tissue.bool(), self.config.pool, self.config.min_tissue)
         c = self.config
         attention = sharpen(logits, cells, c.temperature, c.top_k, explore)  # (B, h', w')
         return SoftAttentionOutput(attention=attention, logits=logits, tissue=cells)
+
+    def cell_logits(self, image: torch.Tensor, strip_pixels: int = STRIP_PIXELS) -> torch.Tensor:
+        """Returns the attention logits (B, h', w') of views (B, C, h, w), uint8 or floats
+        in [0, 1], computed in strips of rows of about ``strip_pixels`` pixels each.
+
+        A strip is a whole number of attention cells high and carries a halo of the
+        convolutions' reach above and below, so every cell sees the pixels it sees on the
+        whole view: the logits are those of one pass, while memory holds one strip's
+        feature maps instead of the whole view's (a 6,250 px view of a 200,000 px slide
+        would need 1.25 GB for its first layer alone).
+        """
+        c = self.config
+        height, width = image.shape[-2:]
+        halo = c.layers * (c.kernel // 2)  # rows a cell's receptive field reaches past it
+        # the widest feature map has channels·2^(layers-1) channels, two alive at a time
+        pixels = strip_pixels // (c.channels * 2 ** (c.layers - 1) // 8 or 1)
+        rows = max(c.pool, pixels // max(1, width * image.shape[0]) // c.pool * c.pool)
+        parts = []
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            lo, hi = max(0, top - halo), min(height, bottom + halo)
+            x = image[:, :, lo:hi].float()
+            if image.dtype == torch.uint8:
+                x = x / 255.0
+            x = self.features((x - self.mean) / self.std)  # (B, c, hi - lo, w)
+            x = self.pool(x[:, :, top - lo : bottom - lo])  # (B, c, strip cells, w')
+            parts.append(self.score(x)[:, 0])
+        return torch.cat(parts, dim=1)  # (B, h', w')
 
     def entropy_loss(self, output: SoftAttentionOutput) -> torch.Tensor:
         """L_SA of an output with this model's β (see the module function)."""
