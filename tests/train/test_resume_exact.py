@@ -69,17 +69,8 @@ PLANS = {
 
 def _run(kind: str, cohort, run_dir: Path, plan: dict, rng: random.Random) -> int:
     """Run the child to its end or its kill; returns its exit status (-9: killed)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    args = [
-        sys.executable,
-        str(CHILD),
-        kind,
-        str(cohort.path),
-        json.dumps(list(cohort.classes)),
-        str(run_dir),
-        json.dumps({k: v for k, v in plan.items() if k != "random_after_steps"}),
-    ]
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    kills = {k: v for k, v in plan.items() if k != "random_after_steps"}
+    child = _start_child(kind, cohort, run_dir, kills, stdout=subprocess.PIPE, text=True)
     timer = threading.Timer(CHILD_TIMEOUT_S, child.kill)
     timer.start()
     try:
@@ -98,18 +89,16 @@ def _run(kind: str, cohort, run_dir: Path, plan: dict, rng: random.Random) -> in
     return code
 
 
-def _start_reference(kind: str, cohort, run_dir: Path) -> subprocess.Popen:
+def _start_child(kind: str, cohort, run_dir: Path, kills: dict, **popen) -> subprocess.Popen:
+    """The training child (``resume_child.py``) on one thread, with its kill plan."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    args = [
-        sys.executable,
-        str(CHILD),
-        kind,
-        str(cohort.path),
-        json.dumps(list(cohort.classes)),
-        str(run_dir),
-        "{}",
-    ]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, env=env)
+    args = [sys.executable, str(CHILD), kind, str(cohort.path)]
+    args += [json.dumps(list(cohort.classes)), str(run_dir), json.dumps(kills)]
+    return subprocess.Popen(args, env=env, **popen)
+
+
+def _start_reference(kind: str, cohort, run_dir: Path) -> subprocess.Popen:
+    return _start_child(kind, cohort, run_dir, {}, stdout=subprocess.DEVNULL)
 
 
 def _complete(path: Path) -> None:
