@@ -37,7 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     facts = slide.describe()
     if not args.no_tissue and slide.rgb:
         mask = tissue_mask(slide, tissue_params(args))
-        facts["tissue_fraction"] = round(float(mask.fraction), 4)
+        facts["tissue_fraction"] = float(f"{mask.fraction:.4g}")
     else:
         facts["tissue_fraction"] = None
     if args.json:
@@ -57,7 +57,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "  tile size      "
         + ("x".join(str(v) for v in facts["tile_shape"][::-1]) if facts["tile_shape"] else "-"),
         "  tissue         "
-        + (f"{facts['tissue_fraction']:.1%}" if facts["tissue_fraction"] is not None else "-"),
+        + (_share(facts["tissue_fraction"]) if facts["tissue_fraction"] is not None else "-"),
         f"  associated     {', '.join(facts['associated']) or '-'}",
         "  levels",
     ]
@@ -74,6 +74,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"  note: {note}")
     print("\n".join(lines))
     return 0
+
+
+def _share(fraction: float) -> str:
+    """A share as a percentage that never reads 0.0 % for a little tissue on much glass."""
+    if 0 < fraction < 0.001:
+        return f"{fraction * 100:.2g}%"
+    return f"{fraction:.1%}"
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
