@@ -305,6 +305,7 @@ def test_an_unreadable_metadata_string_is_noted_and_the_slide_opens(
             slide = open_slide(path)
         assert slide.mpp is None
     assert any(unreadable in note for note in slide.metadata["notes"])
+    assert any(unreadable in note for note in slide.describe()["notes"])  # `info` shows it
     np.testing.assert_array_equal(slide.read_region(0, 0, 0, 256, 256)[..., 0] > 0, True)
 
 

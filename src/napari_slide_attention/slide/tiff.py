@@ -115,7 +115,7 @@ def _slide_from_tiff(path: Path, tif: tifffile.TiffFile, file_size: int, log) ->
     dtype = np.dtype(series.dtype)
     metadata, mpp, magnification = tiff_metadata(path, tif, vendor, page0)
     notes = list(dict.fromkeys(re.sub(r"^<tifffile\.\w+ '[^']*'> ", "", m) for m in log.messages))
-    notes += level_notes
+    notes += level_notes + metadata.get("notes", [])  # unreadable values show in `info`
 
     layout = pixel_layout(path, axes, series.shape, dtype)
     # Tiles a file does not store (sparse) read as glass (white) on RGB slides.
