@@ -60,7 +60,7 @@ class Sandbox:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
-        self.outcomes: collections.Counter = collections.Counter()
+        self.outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.failures: list[dict] = []
         self.problems: collections.Counter = collections.Counter()
         self.started_rss_mib = 0  # the reading process's memory once its imports are done
@@ -97,7 +97,7 @@ class Sandbox:
             self.process.wait()
             self.process = None
 
-    def run(self, path: Path, reference: Path | None = None) -> dict:
+    def run(self, kind: str, path: Path, reference: Path | None = None) -> dict:
         """Open and read one file in the child; record and return the outcome."""
         if self.process is None:
             self._start()
@@ -117,7 +117,7 @@ class Sandbox:
         if key == "slide_error":
             key = f"slide_error at {answer['stage']}"
             self.problems[_problem_kind(answer["message"], path)] += 1
-        self.outcomes[key] += 1
+        self.outcomes[kind][key] += 1
         if not _clean(answer):
             self.failures.append({"path": path.name, **answer})
         return answer
@@ -151,10 +151,10 @@ def sandbox(request):
 
 
 def _report(name: str, box: Sandbox) -> None:
-    total = sum(box.outcomes.values())
+    total = sum(sum(counts.values()) for counts in box.outcomes.values())
     summary = {
         "cases": total,
-        "outcomes": dict(sorted(box.outcomes.items())),
+        "outcomes": {kind: dict(sorted(c.items())) for kind, c in box.outcomes.items()},
         "slide_errors": dict(box.problems.most_common()),
         "reader_rss_mib": {"after_imports": box.started_rss_mib, "peak": box.peak_rss_mib},
     }
@@ -382,7 +382,7 @@ def test_absurd_tiffs_give_slide_error_or_a_slide(sandbox, tmp_path_factory, dat
     path = tmp_path_factory.getbasetemp() / "absurd" / "absurd.tif"
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
-    _check(sandbox.run(path), sandbox)
+    _check(sandbox.run("absurd", path), sandbox)
 
 
 # -- real-looking slides, cut short or bit-flipped ------------------------------------------
@@ -420,7 +420,7 @@ def test_cut_slides_read_exact_or_fail(sandbox, intact_slides, which, where, nea
         cut = int(where * len(data))
     path = intact.with_name(f"cut.{intact.name}")
     path.write_bytes(data[:cut])
-    _check(sandbox.run(path, reference=intact), sandbox)
+    _check(sandbox.run("cut", path, reference=intact), sandbox)
 
 
 @settings(FUZZ, max_examples=_examples(150))
@@ -437,7 +437,7 @@ def test_flipped_bits_in_directories_give_slide_error_or_a_slide(
     data[position] ^= 1 << bit
     path = intact.with_name(f"flipped.{intact.name}")
     path.write_bytes(bytes(data))
-    _check(sandbox.run(path), sandbox)
+    _check(sandbox.run("flipped", path), sandbox)
 
 
 _SPANS: dict[Path, list[tuple[int, int]]] = {}
