@@ -96,7 +96,7 @@ def test_no_reported_change_is_lost_when_the_writer_is_killed_at_random(tmp_path
     rng = random.Random(20261208)
     reported: dict[int, dict] = {}
     kills = runs = 0
-    while len(reported) < CHANGES:
+    while len(reported) < CHANGES or kills < MIN_KILLS:  # a fast writer: more changes
         proc, lines = _start_writer(store_path, seed=15)
         runs += 1
         # a kill after a random number of reported changes, or (one run in four) at a

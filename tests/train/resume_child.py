@@ -37,6 +37,7 @@ def _kill() -> None:
 
 
 def _install(plan: dict) -> None:
+    from napari_slide_attention import files
     from napari_slide_attention.models import checkpoint
     from napari_slide_attention.train import run_directory
 
@@ -56,7 +57,8 @@ def _install(plan: dict) -> None:
 
         setattr(run_directory, name, hooked)
     elif "cut" in plan:
-        original_commit = checkpoint._commit
+        # every atomic write renames through files.commit (checkpoint imports it by name)
+        original_commit = files.commit
         writes = [0]
 
         def cut_commit(tmp, path):
@@ -67,7 +69,7 @@ def _install(plan: dict) -> None:
                 _kill()
             original_commit(tmp, path)
 
-        checkpoint._commit = cut_commit
+        files.commit = checkpoint.commit = cut_commit
 
 
 def main(kind: str, cohort_csv: str, classes: list[str], run_dir: str, plan: dict) -> int:
