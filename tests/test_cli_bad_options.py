@@ -134,3 +134,15 @@ def test_an_unforeseen_failure_is_one_line_and_exit_1(monkeypatch, slide, capsys
     assert err.startswith("slide-attention: internal error: KeyError") and "--debug" in err
     with pytest.raises(KeyError):
         main(["--debug", "info", str(slide)])
+
+
+def test_predict_names_a_slide_the_models_cannot_read(grid_model, tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    grey = tmp_path / "grey.tif"
+    tifffile.imwrite(grey, np.full((512, 512), 200, np.uint8), tile=(256, 256))
+    argv = ["predict", "--model", str(grid_model), "--slide", str(grey), "--mpp", "0.5"]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = _one_line(capsys)
+    assert str(grey) in err and "grey" in err and "8-bit RGB" in err

@@ -143,11 +143,14 @@ def load_model_for_inference(
 @contextlib.contextmanager
 def opened(slide: Slide | str | os.PathLike, mpp: float | None) -> Iterator[Slide]:
     """``with opened(slide, mpp) as s``: the slide itself, or the path opened (and closed
-    at the end)."""
+    at the end); a slide the models cannot read (grey, 16-bit, float, multichannel) is
+    refused here, before any work, naming the file and what it is."""
     if isinstance(slide, Slide):
+        slide.require_rgb()
         yield slide
         return
     with open_slide(slide, mpp=mpp) as own:
+        own.require_rgb()
         yield own
 
 
