@@ -8,7 +8,9 @@ for lossy codecs.
 from __future__ import annotations
 
 import json
+import signal
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,23 @@ import tifffile
 import zarr
 
 APERIO_HEADER = "Aperio Image Library v12.0.15 \r\n"
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: a malformed file must fail within seconds (the cases that
+    use this hang, if at all, in Python code, where SIGALRM reaches them)."""
+
+    def alarm(*_):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def rgb_image(height: int, width: int, seed: int = 0) -> np.ndarray:

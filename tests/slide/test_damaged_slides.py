@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ import tifffile
 from napari_slide_attention.slide.reader import MissingMppWarning, SlideError, open_slide
 from napari_slide_attention.slide.tissue import tissue_mask
 from slide_files import (
+    deadline,
     raw_rgb_tiff,
     rgb_image,
     write_generic,
@@ -30,22 +29,6 @@ from slide_files import (
 )
 
 IMG = rgb_image(600, 700, seed=4)
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging (the cases here hang, if at all, in Python code)."""
-
-    def alarm(*_):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _open(path, **kwargs):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import tifffile
 
 from napari_slide_attention.slide.reader import MissingMppWarning, SlideError, open_slide
 from slide_files import (
+    deadline,
     rgb_image,
     write_fluorescence,
     write_generic,
@@ -23,22 +22,6 @@ from slide_files import (
 )
 
 IMG = rgb_image(1000, 1300, seed=1)
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging: a malformed file must fail within seconds."""
-
-    def alarm(*_):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _write(kind: str, tmp_path):
