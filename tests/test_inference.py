@@ -135,9 +135,7 @@ def test_tiles_events_follow_every_chunk_and_a_stop_ends_the_run_within_one(
     assert seen[-1].stage == "tiles" and not [e for e in seen if e.stage == "piece"][1:]
 
 
-def test_an_option_the_kind_does_not_take_is_refused_before_any_work(
-    tiny_cohort, tiny_grid_model
-):
+def test_an_option_the_kind_does_not_take_is_refused_before_any_work(tiny_cohort, tiny_grid_model):
     slide = tiny_cohort.split("test")[0].slide
     work = predict(tiny_grid_model, slide, sampler="random")
     with pytest.raises(ValueError, match=r"does not take the option\(s\) sampler"):

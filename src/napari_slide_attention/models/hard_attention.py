@@ -622,7 +622,6 @@ class HardAttentionLoss:
     accuracy: torch.Tensor
 
 
-
 def discounted_returns(rewards: torch.Tensor, discount: float) -> torch.Tensor:
     """(B, T) returns R_t = Σ_{t' >= t} discount^(t' - t)·r_t' of (B, T) rewards."""
     returns = torch.empty_like(rewards)
@@ -713,4 +712,3 @@ def hard_attention_loss(
     )
     accuracy = rewards[:, -1].mean()
     return HardAttentionLoss(total, classification, reinforce, baseline, overlap, ordinal, accuracy)
-
