@@ -90,7 +90,7 @@ def check_options(args: argparse.Namespace) -> None:
     Raises:
         ValueError: one line naming the option and the value.
     """
-    from ..slide.tissue import MAX_MPP, MIN_MPP
+    from ..slide.reader import MAX_MPP, MIN_MPP
 
     for name in ("mpp", "slide_mpp"):
         value = getattr(args, name, None)

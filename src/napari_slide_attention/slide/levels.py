@@ -20,11 +20,8 @@ import dask.array as da
 import numpy as np
 import tifffile
 
-from .reader import SlideError
+from .reader import MAX_MPP, MIN_MPP, SlideError
 
-# A microscope's pixel is between ~10 nm and ~100 µm; TIFF writers that put 72 dpi
-# (353 µm/px) into the resolution tags are not describing a microscope.
-_PLAUSIBLE_MPP = (0.01, 100.0)
 # Names of the associated images a slide may hold besides its pyramid.
 ASSOCIATED_NAMES = ("label", "macro", "thumbnail", "map", "overview")
 
@@ -324,7 +321,7 @@ def plausible_mpp(path: Path, mpp: tuple[float, float] | None, source: str, note
     """The pixel size as floats, or None (noted) when it is not a microscope's."""
     if mpp is None:
         return None
-    if all(_PLAUSIBLE_MPP[0] <= v <= _PLAUSIBLE_MPP[1] for v in mpp):
+    if all(MIN_MPP <= v <= MAX_MPP for v in mpp):
         return (float(mpp[0]), float(mpp[1]))
     notes.append(f"ignored implausible pixel size {mpp} µm from {source}")
     return None

@@ -54,6 +54,12 @@ UNSUPPORTED_SUFFIXES = {
 }
 
 
+# A microscope's level-0 pixel is between ~10 nm and ~100 µm (0.25 at 40x, 0.5 at 20x):
+# a pixel size outside this, from a file or an --mpp typo, describes no slide scan (TIFF
+# writers that put 72 dpi, 353 µm/px, into the resolution tags are not describing one).
+MIN_MPP, MAX_MPP = 0.01, 100.0
+
+
 class SlideError(Exception):
     """A slide that cannot be opened or read; the message names the file and the problem."""
 

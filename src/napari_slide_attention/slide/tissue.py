@@ -35,6 +35,7 @@ import numpy as np
 from skimage import filters, measure, morphology
 
 from .boxes import Box
+from .reader import MAX_MPP, MIN_MPP
 
 __all__ = [
     "SlideLike",
@@ -68,9 +69,6 @@ class SlideLike(Protocol):
     def level_for(self, mpp: float | None = None, downsample: float | None = None) -> int: ...
 
 
-# Plausible level-0 pixel sizes of a slide scanner, µm/px (40x is about 0.25, a macro
-# image about 10-20): an --mpp or an assumed mpp outside this is a typo.
-MIN_MPP, MAX_MPP = 0.01, 100.0
 MIN_MASK_MPP = 1.0
 MAX_FILTER_UM = 1000.0
 
